@@ -1,0 +1,433 @@
+"""Read PyTorch checkpoints (``torch.save`` zip format, PyTorch >= 1.6) without importing torch.
+
+A ``.pth`` file is a zip archive holding ``<folder>/data.pkl`` (a pickle of the saved object), one
+record ``<folder>/data/<key>`` per tensor storage (raw bytes) and ``<folder>/byteorder``. The
+pickle refers to storages through ``persistent_load`` and rebuilds tensors by calling
+``torch._utils._rebuild_tensor_v2``; here both are replaced by numpy equivalents.
+
+Unpickling runs code named by the file, so the unpickler only resolves an allow-list of globals
+(the tensor rebuild functions, the storage and dtype names, ``OrderedDict`` and a few builtins
+that protocol 2 needs to spell bytes and sets); every other global is refused with
+:class:`CheckpointError` before anything is called. Tensor views are bounds-checked against
+their storage before ``as_strided`` so that a crafted file cannot read outside its buffers.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import io
+import os
+import pickle
+import zipfile
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+__all__ = ["CheckpointError", "load", "load_torch_checkpoint"]
+
+
+class CheckpointError(ValueError):
+    """A file is missing, is not a PyTorch checkpoint, is damaged or holds forbidden content."""
+
+
+class _Refused(pickle.UnpicklingError):
+    """Raised inside the unpickler; turned into a CheckpointError naming the file."""
+
+
+class _Sealed:
+    """Immutable holder: no ``__dict__``, and both setattr and ``__setstate__`` refuse.
+
+    A pickle's BUILD opcode calls ``__setstate__`` (or setattr) on whatever object is on the
+    stack, including the shared allow-list objects below; refusing it keeps one file from
+    changing how later files load. (A frozen dataclass is not enough: its generated
+    ``__setstate__`` bypasses the freeze.)
+    """
+
+    __slots__ = ()
+
+    def __init__(self, **fields: Any) -> None:
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise _Refused(f"the pickle tried to set attribute {name!r} of {self!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise _Refused(f"the pickle tried to delete attribute {name!r} of {self!r}")
+
+    def __setstate__(self, state: Any) -> None:
+        raise _Refused(f"the pickle tried to modify {self!r} (BUILD)")
+
+
+class _StorageType(_Sealed):
+    """Stand-in for ``torch.<X>Storage``: only carries the element dtype."""
+
+    __slots__ = ("name", "dtype")
+    name: str
+    dtype: np.dtype
+
+    def __init__(self, name: str, dtype: np.dtype) -> None:
+        super().__init__(name=name, dtype=dtype)
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class _TorchDtype(_Sealed):
+    """Stand-in for a ``torch.<dtype>`` object (used by ``_rebuild_tensor_v3`` and user data)."""
+
+    __slots__ = ("name", "dtype")
+    name: str
+    dtype: np.dtype
+
+    def __init__(self, name: str, dtype: np.dtype) -> None:
+        super().__init__(name=name, dtype=dtype)
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class _Storage(_Sealed):
+    """A storage record read from the archive, as a flat numpy array of its dtype."""
+
+    __slots__ = ("array",)
+    array: np.ndarray
+
+    def __init__(self, array: np.ndarray) -> None:
+        super().__init__(array=array)
+
+    def __repr__(self) -> str:
+        return f"<storage of {self.array.size} {self.array.dtype}>"
+
+
+class _Callable(_Sealed):
+    """An allow-listed function, wrapped so that BUILD cannot set its ``__defaults__`` etc."""
+
+    __slots__ = ("fn",)
+    fn: Callable[..., Any]
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        super().__init__(fn=fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __repr__(self) -> str:
+        return f"<allowed {self.fn.__name__}>"
+
+
+_LEGACY_STORAGES: dict[str, np.dtype] = {
+    "FloatStorage": np.dtype(np.float32),
+    "DoubleStorage": np.dtype(np.float64),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "ByteStorage": np.dtype(np.uint8),
+    "CharStorage": np.dtype(np.int8),
+    "ShortStorage": np.dtype(np.int16),
+    "IntStorage": np.dtype(np.int32),
+    "LongStorage": np.dtype(np.int64),
+    "BoolStorage": np.dtype(np.bool_),
+    "ComplexFloatStorage": np.dtype(np.complex64),
+    "ComplexDoubleStorage": np.dtype(np.complex128),
+    # Untyped storages count bytes; typed views come from _rebuild_tensor_v3's dtype argument.
+    "UntypedStorage": np.dtype(np.uint8),
+}
+
+_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "float": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "double": np.dtype(np.float64),
+    "float16": np.dtype(np.float16),
+    "half": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "uint8": np.dtype(np.uint8),
+    "uint16": np.dtype(np.uint16),
+    "uint32": np.dtype(np.uint32),
+    "uint64": np.dtype(np.uint64),
+    "int8": np.dtype(np.int8),
+    "int16": np.dtype(np.int16),
+    "short": np.dtype(np.int16),
+    "int32": np.dtype(np.int32),
+    "int": np.dtype(np.int32),
+    "int64": np.dtype(np.int64),
+    "long": np.dtype(np.int64),
+    "bool": np.dtype(np.bool_),
+    "complex64": np.dtype(np.complex64),
+    "cfloat": np.dtype(np.complex64),
+    "complex128": np.dtype(np.complex128),
+    "cdouble": np.dtype(np.complex128),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+
+def _rebuild_tensor(
+    storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]
+) -> np.ndarray:
+    """Copy the strided view ``storage[offset + sum(i_k * stride_k)]`` into a new array."""
+    if not isinstance(storage, _Storage):
+        raise _Refused(f"tensor storage is a {type(storage).__name__}, not a storage record")
+    if not isinstance(offset, int) or offset < 0:
+        raise _Refused(f"invalid storage offset {offset!r}")
+    size = tuple(size)
+    stride = tuple(stride)
+    if len(size) != len(stride) or not all(isinstance(v, int) and v >= 0 for v in size + stride):
+        raise _Refused(f"invalid tensor size {size!r} / stride {stride!r}")
+    flat = storage.array
+    if 0 in size:
+        return np.empty(size, dtype=flat.dtype)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    # as_strided does no bounds checking: a crafted size/stride must not read past the buffer.
+    if last >= flat.size:
+        raise _Refused(
+            f"tensor of size {size} stride {stride} offset {offset} exceeds its storage "
+            f"of {flat.size} elements"
+        )
+    base = flat[offset:]
+    view = np.lib.stride_tricks.as_strided(
+        base, shape=size, strides=tuple(s * flat.itemsize for s in stride), writeable=False
+    )
+    return np.array(view, copy=True, order="C")
+
+
+def _rebuild_tensor_v2(
+    storage: _Storage,
+    storage_offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> np.ndarray:
+    del requires_grad, backward_hooks, metadata  # training-time state with no numpy meaning
+    return _rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v3(
+    storage: _Storage,
+    storage_offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool,
+    backward_hooks: Any,
+    dtype: _TorchDtype,
+    metadata: Any = None,
+) -> np.ndarray:
+    del requires_grad, backward_hooks, metadata
+    if not isinstance(dtype, _TorchDtype):
+        raise _Refused(f"invalid tensor dtype {dtype!r}")
+    if not isinstance(storage, _Storage):
+        raise _Refused(f"tensor storage is a {type(storage).__name__}, not a storage record")
+    # v3 tensors sit on an untyped (byte) storage; reinterpret it in the tensor's dtype.
+    raw = storage.array.view(np.uint8)
+    usable = raw.size - raw.size % dtype.dtype.itemsize
+    return _rebuild_tensor(_Storage(raw[:usable].view(dtype.dtype)), storage_offset, size, stride)
+
+
+def _rebuild_parameter(
+    data: np.ndarray, requires_grad: bool = True, backward_hooks: Any = None, state: Any = None
+) -> np.ndarray:
+    del requires_grad, backward_hooks, state
+    if not isinstance(data, np.ndarray):
+        raise _Refused(f"parameter data is a {type(data).__name__}, not a tensor")
+    return data
+
+
+def _codecs_encode(obj: str, encoding: str = "utf-8") -> bytes:
+    # Protocol 2 spells a bytes object as _codecs.encode(text, 'latin1'); allow only that shape.
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+        raise _Refused("_codecs.encode called with unexpected arguments")
+    return codecs.encode(obj, encoding)
+
+
+def _torch_size(dims: Any = ()) -> tuple[int, ...]:
+    return tuple(int(d) for d in dims)
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _Callable(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor_v3"): _Callable(_rebuild_tensor_v3),
+    ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _Callable(_rebuild_parameter),
+    ("torch", "Size"): _Callable(_torch_size),
+    ("_codecs", "encode"): _Callable(_codecs_encode),
+}
+# Protocol 2 names builtins '__builtin__'; the C unpickler maps that only in its own find_class.
+for _module in ("builtins", "__builtin__"):
+    _ALLOWED[(_module, "set")] = set
+    _ALLOWED[(_module, "frozenset")] = frozenset
+    _ALLOWED[(_module, "complex")] = complex
+for _name, _dt in _LEGACY_STORAGES.items():
+    _ALLOWED[("torch", _name)] = _StorageType(_name, _dt)
+_ALLOWED[("torch.storage", "UntypedStorage")] = _ALLOWED[("torch", "UntypedStorage")]
+for _name, _dt in _DTYPES.items():
+    _ALLOWED[("torch", _name)] = _TorchDtype(_name, _dt)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only allow-listed globals and reads storages from the archive."""
+
+    def __init__(self, data: bytes, read_storage: Callable[[str, _StorageType, int], _Storage]):
+        super().__init__(io.BytesIO(data))
+        self._read_storage = read_storage
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise _Refused(
+                f"refusing to load global '{module}.{name}': only tensors and plain containers "
+                "are allowed (the pickle may try to run code)"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise _Refused(f"unsupported persistent id {pid!r:.80}")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType):
+            raise _Refused(f"persistent id names {storage_type!r:.80}, not a storage type")
+        if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+            raise _Refused(f"invalid storage record reference {pid!r:.80}")
+        return self._read_storage(key, storage_type, numel)
+
+
+def _fail(path: str | os.PathLike[str], what: str) -> CheckpointError:
+    return CheckpointError(f"{os.fspath(path)}: {what}")
+
+
+def load(path: str | os.PathLike[str]) -> Any:
+    """Unpickles a ``torch.save`` zip checkpoint with every tensor as a numpy array.
+
+    Args:
+      path: file written by ``torch.save`` (PyTorch >= 1.6 zip format).
+
+    Returns:
+      The saved object: dicts, lists, tuples, numbers and strings as saved, tensors and
+      parameters as C-contiguous numpy arrays of the matching dtype (bfloat16 and float8 via
+      ml_dtypes), ``torch.<dtype>`` objects as opaque stand-ins.
+
+    Raises:
+      CheckpointError: the file is missing, is not a zip checkpoint, is truncated or damaged, or
+        its pickle names a global outside the allow-list.
+    """
+    if not os.path.exists(path):
+        raise _fail(path, "no such file")
+    if os.path.isdir(path):
+        raise _fail(path, "is a directory, not a checkpoint file")
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError):
+        raise _not_a_zip(path) from None
+    except OSError as e:
+        raise _fail(path, f"cannot read ({e})") from None
+    with zf:
+        try:
+            return _load_from_zip(zf)
+        except _Refused as e:
+            raise _fail(path, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - any failure inside a crafted pickle is "damaged"
+            raise _fail(path, f"damaged checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _not_a_zip(path: str | os.PathLike[str]) -> CheckpointError:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return _fail(path, f"cannot read ({e})")
+    if head.startswith(b"PK"):
+        return _fail(path, "damaged zip archive (truncated file?)")
+    if head[:1] == b"\x80":
+        return _fail(
+            path,
+            "not a zip archive: legacy (PyTorch < 1.6) or plain-pickle files are not supported "
+            "(re-save it with torch.save in PyTorch >= 1.6)",
+        )
+    return _fail(path, "not a PyTorch checkpoint (not a zip archive)")
+
+
+def _load_from_zip(zf: zipfile.ZipFile) -> Any:
+    names = zf.namelist()
+    # The top-level folder is named after the file at save time, so any folder is accepted.
+    pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+    if len(pickles) != 1:
+        raise _Refused(
+            "not a PyTorch checkpoint: expected one '<folder>/data.pkl' record, "
+            f"found {len(pickles)}"
+        )
+    prefix = pickles[0][: -len("data.pkl")]
+
+    def read(name: str) -> bytes:
+        try:
+            return zf.read(name)
+        except KeyError:
+            raise _Refused(f"record '{name}' is missing (truncated file?)") from None
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+            raise _Refused(f"record '{name}' is damaged ({e})") from None
+
+    byteorder = "little"  # files from before the byteorder record were all little-endian
+    if prefix + "byteorder" in names:
+        byteorder = read(prefix + "byteorder").decode("ascii", "replace").strip()
+        if byteorder not in ("little", "big"):
+            raise _Refused(f"unknown byteorder record {byteorder!r:.40}")
+    order = "<" if byteorder == "little" else ">"
+    cache: dict[str, np.ndarray] = {}
+
+    def read_storage(key: str, storage_type: _StorageType, numel: int) -> _Storage:
+        dtype = storage_type.dtype.newbyteorder(order)
+        if key not in cache:
+            # One record per storage: tensors sharing it must also share the bytes read.
+            cache[key] = np.frombuffer(read(f"{prefix}data/{key}"), dtype=np.uint8)
+        raw = cache[key]
+        nbytes = numel * dtype.itemsize
+        if raw.size < nbytes:
+            raise _Refused(
+                f"storage record '{prefix}data/{key}' holds {raw.size} bytes, "
+                f"{nbytes} expected (truncated file?)"
+            )
+        arr = raw[:nbytes].view(dtype)
+        if not arr.dtype.isnative:
+            arr = arr.astype(dtype.newbyteorder("="))
+        return _Storage(arr)
+
+    return _RestrictedUnpickler(read(prefix + "data.pkl"), read_storage).load()
+
+
+def load_torch_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Loads the state dict of a PyTorch checkpoint as numpy arrays, without torch.
+
+    The release wraps the state dict as ``{'epoch', 'arch', 'state_dict', 'optimizer',
+    'best_prec1'}``; only the ``'state_dict'`` entry is unwrapped (a bare state dict is taken as
+    is). A leading ``module.`` (from ``torch.nn.DataParallel``) is stripped from every key.
+
+    Args:
+      path: file written by ``torch.save``.
+
+    Returns:
+      Ordered ``{key: array}`` in the file's order.
+
+    Raises:
+      CheckpointError: as :func:`load`, or when the state dict is not a dict of tensors.
+    """
+    obj = load(path)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise _fail(path, f"holds a {type(obj).__name__}, not a state dict")
+    out: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise _fail(path, f"state dict key {key!r} is not a string")
+        if not isinstance(value, np.ndarray):
+            raise _fail(path, f"state dict entry '{key}' is a {type(value).__name__}, not a tensor")
+        name = key.removeprefix("module.")
+        if name in out:
+            raise _fail(path, f"state dict key '{name}' occurs with and without 'module.'")
+        out[name] = value
+    return out

@@ -1,0 +1,41 @@
+"""Flax (linen) modules of the release: gates, units, placements, backbones and the video net."""
+
+from aia_jax.models.attention import (
+    PLACEMENTS,
+    Attention,
+    AttentionUnit,
+    GateConv,
+    apply_placement,
+    pool_max_mean,
+)
+from aia_jax.models.resnet import (
+    STAGE_SIZES,
+    TEMPORAL_FORMS,
+    Bottleneck,
+    ResNet,
+    carries_attention,
+    i3d_inflates,
+    temporal_shift,
+)
+from aia_jax.models.video import ModelName, VideoNet, create, parse_name, valid_names
+
+__all__ = [
+    "PLACEMENTS",
+    "STAGE_SIZES",
+    "TEMPORAL_FORMS",
+    "Attention",
+    "AttentionUnit",
+    "Bottleneck",
+    "GateConv",
+    "ModelName",
+    "ResNet",
+    "VideoNet",
+    "apply_placement",
+    "carries_attention",
+    "create",
+    "i3d_inflates",
+    "parse_name",
+    "pool_max_mean",
+    "temporal_shift",
+    "valid_names",
+]

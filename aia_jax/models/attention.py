@@ -1,0 +1,190 @@
+"""The AIA gates (C, T, H, W), the units C / ST / CinST / STinC and the eleven placements.
+
+Everything works on feature maps laid out `[b, t, h, w, c]` (b clips of t frames). The release
+permutes the whole map into `[b, t, c, h, w]` for every gate; here only the small pooled context
+is touched: each gate's 2→1-channel 3×3×3 convolution slides over the pooled map in the order
+its axes already have, and the release's kernel is permuted (54 numbers) to that order instead.
+The stored kernel keeps the release's `(D1, D2, D3)` order, so a converted kernel works unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# For each gate: the axis of the `[b, t, h, w, c]` map it pools over, and how the release's
+# kernel axes (D1, D2, D3) map onto the axes the pooled map keeps here. The release's Conv3d
+# inputs (official-aia.md) are C: (t, h, w), T: (c, h, w), H: (t, c, w), W: (t, h, c); pooling
+# here keeps the remaining axes in `[t, h, w, c]` order, i.e. C: (t, h, w), T: (h, w, c),
+# H: (t, w, c), W: (t, h, c). `kernel_perm` reorders the release kernel to the latter.
+GATE_POOL_AXIS = {"C": 4, "T": 1, "H": 2, "W": 3}
+GATE_KERNEL_PERM = {
+    "C": (0, 1, 2, 3, 4),
+    "T": (1, 2, 0, 3, 4),
+    "H": (0, 2, 1, 3, 4),
+    "W": (0, 1, 2, 3, 4),
+}
+
+# The eleven placements of the release: the units they hold and how two units combine.
+PLACEMENTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "none": ((), ""),
+    "C": (("C",), ""),
+    "ST": (("ST",), ""),
+    "C2ST": (("C", "ST"), "sequential"),
+    "ST2C": (("ST", "C"), "sequential"),
+    "CplusST": (("C", "ST"), "sum"),
+    "CinST": (("CinST",), ""),
+    "STinC": (("STinC",), ""),
+    "CinST2STinC": (("CinST", "STinC"), "sequential"),
+    "STinC2CinST": (("STinC", "CinST"), "sequential"),
+    "STinCplusCinST": (("STinC", "CinST"), "sum"),
+}
+
+UNIT_GATES = {"C": ("C",), "ST": ("T", "H", "W"), "CinST": ("C", "T", "H", "W")}
+UNIT_GATES["STinC"] = UNIT_GATES["CinST"]
+
+
+def pool_max_mean(x: jax.Array, axis: int) -> jax.Array:
+    """Max and mean of `x` over `axis`, stacked as a trailing 2-channel axis, max first.
+
+    The mean is accumulated in float32 so that bf16 maps with thousands of channels pool exactly.
+    """
+    mx = jnp.max(x, axis=axis).astype(jnp.float32)
+    mean = jnp.mean(x, axis=axis, dtype=jnp.float32)
+    return jnp.stack([mx, mean], axis=-1)
+
+
+class GateConv(nn.Module):
+    """The release's bias-free Conv3d(2, 1, 3, padding=1) of one gate.
+
+    Attributes:
+      gate: which gate ('C', 'T', 'H', 'W'); fixes how the stored kernel is permuted.
+    """
+
+    gate: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+    @nn.compact
+    def __call__(self, pooled: jax.Array) -> jax.Array:
+        # Stored in the release's (D1, D2, D3, in, out) order: torch [1, 2, 3, 3, 3] → (2,3,4,1,0).
+        kernel = self.param("kernel", self.kernel_init, (3, 3, 3, 2, 1), self.param_dtype)
+        kernel = jnp.transpose(kernel, GATE_KERNEL_PERM[self.gate]).astype(self.dtype)
+        return jax.lax.conv_general_dilated(
+            pooled.astype(self.dtype),
+            kernel,
+            window_strides=(1, 1, 1),
+            padding=((1, 1), (1, 1), (1, 1)),
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+        )
+
+
+def _norm(dtype: Dtype, param_dtype: Dtype, train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+def _apply_gate(
+    x: jax.Array, gate: str, conv: GateConv, bn: nn.BatchNorm, x_dtype: Dtype
+) -> jax.Array:
+    """`sigmoid(BN(conv(pool(x))))`, shaped to broadcast onto `x` ([b, t, h, w, c])."""
+    axis = GATE_POOL_AXIS[gate]
+    g = jax.nn.sigmoid(bn(conv(pool_max_mean(x, axis))).astype(jnp.float32))
+    return jnp.expand_dims(g[..., 0], axis).astype(x_dtype)
+
+
+class AttentionUnit(nn.Module):
+    """One unit of the release: 'C', 'ST', 'CinST' or 'STinC' (official-aia.md, "The units").
+
+    Submodules are named as the release's keys (`C_conv`, `C_bn`, `T_conv`, …).
+    """
+
+    unit: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        gates = {
+            g: (
+                GateConv(g, self.dtype, self.param_dtype, name=f"{g}_conv"),
+                _norm(self.dtype, self.param_dtype, train, f"{g}_bn"),
+            )
+            for g in UNIT_GATES[self.unit]
+        }
+
+        def gate(name: str, inp: jax.Array) -> jax.Array:
+            return _apply_gate(inp, name, *gates[name], x.dtype)
+
+        def st_gate(inp: jax.Array) -> jax.Array:
+            return (gate("T", inp) + gate("H", inp) + gate("W", inp)) / 3
+
+        if self.unit == "C":
+            return x * gate("C", x)
+        if self.unit == "ST":
+            return x * st_gate(x)
+        if self.unit == "CinST":
+            return x * st_gate(x * gate("C", x))
+        if self.unit == "STinC":
+            return x * gate("C", x * st_gate(x))
+        raise ValueError(f"unknown attention unit {self.unit!r}; expected one of {list(UNIT_GATES)}")
+
+
+def apply_placement(
+    placement: str,
+    x: jax.Array,
+    *,
+    train: bool,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> jax.Array:
+    """Applies a placement's units to `x` ([b, t, h, w, c]) inside the calling module.
+
+    Called from a compact method, the units become submodules of the caller named `eft`
+    (one unit) or `eft1`/`eft2` (two), exactly as in the release's bottleneck.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(
+            f"unknown attention placement {placement!r}; expected one of {list(PLACEMENTS)}"
+        )
+    units, combine = PLACEMENTS[placement]
+    make = partial(AttentionUnit, dtype=dtype, param_dtype=param_dtype)
+    if not units:
+        return x
+    if len(units) == 1:
+        return make(units[0], name="eft")(x, train=train)
+    first, second = make(units[0], name="eft1"), make(units[1], name="eft2")
+    if combine == "sequential":
+        return second(first(x, train=train), train=train)
+    return 0.5 * first(x, train=train) + 0.5 * second(x, train=train)
+
+
+class Attention(nn.Module):
+    """A placement of the release as a standalone module, for use in other networks.
+
+    Input and output are `[b, t, h, w, c]`; its units are named `eft` or `eft1`/`eft2`.
+    """
+
+    placement: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        return apply_placement(
+            self.placement, x, train=train, dtype=self.dtype, param_dtype=self.param_dtype
+        )

@@ -1,0 +1,257 @@
+"""Bottleneck ResNets (torchvision v1.5 layout) in three temporal forms: C2D, TSM and I3D.
+
+- `C2D` (TSN): a 2D ResNet applied to every frame; the map is `[B*T, H, W, C]`.
+- `TSM`: the same with the temporal shift of the release on the residual branch ('blockres') or
+  on the block input ('block').
+- `I3D`: a 3D ResNet in the usual I3D/SlowOnly convention — 5×7×7 stem, 3×1×1 temporal kernels
+  on `conv1` of the inflated blocks, no temporal down-sampling (every block keeps T frames); the
+  map is `[B, T, H, W, C]`.
+
+The attention of the release sits after `bn2` and before its ReLU in the blocks that
+`carries_attention` selects; it always sees the map as `[b, t, h, w, c]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aia_jax.models.attention import apply_placement
+
+Dtype = Any
+
+STAGE_SIZES = {14: (1, 1, 1, 1), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+TEMPORAL_FORMS = ("C2D", "TSM", "I3D")
+
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def carries_attention(block: int, num_blocks: int) -> bool:
+    """The release's rule for which blocks get the attention (and, for TSM, the shift).
+
+    Block 0 always; block i >= 1 when i % n_round == 0, with n_round = 2 in a stage of at least
+    23 blocks (ResNet-101's third stage) and 1 otherwise.
+    """
+    n_round = 2 if num_blocks >= 23 else 1
+    return block % n_round == 0
+
+
+def i3d_inflates(stage: int, block: int) -> bool:
+    """Whether `conv1` of a block is inflated to 3×1×1 (I3D ResNet-50's pattern, any depth).
+
+    Stage 1: every block; stages 2 and 3: every second block from the first; stage 4: the
+    odd blocks — ((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0)) for ResNet-50.
+    """
+    if stage == 0:
+        return True
+    if stage == 3:
+        return block % 2 == 1
+    return block % 2 == 0
+
+
+def temporal_shift(x: jax.Array, fold_div: int = 8) -> jax.Array:
+    """The release's temporal shift of a `[b, t, h, w, c]` map.
+
+    Channels [0, fold) take the next frame's value, [fold, 2·fold) the previous frame's, the rest
+    stay; the frame missing at each end of the clip is zero. fold = c // fold_div.
+    """
+    fold = x.shape[-1] // fold_div
+    no_time = [(0, 0)] * (x.ndim - 2)
+    from_next = jnp.pad(x[:, 1:, ..., :fold], [(0, 0), (0, 1), *no_time])
+    from_prev = jnp.pad(x[:, :-1, ..., fold : 2 * fold], [(0, 0), (1, 0), *no_time])
+    return jnp.concatenate([from_next, from_prev, x[..., 2 * fold :]], axis=-1)
+
+
+class Bottleneck(nn.Module):
+    """Bottleneck block: conv1 1×1, conv2 3×3 (stride), [attention], conv3 1×1, + shortcut.
+
+    Attributes:
+      planes: width of conv1/conv2; the block outputs 4 × planes channels.
+      strides: spatial stride of conv2 and of the projection shortcut.
+      downsample: whether the shortcut is a 1×1 projection (`downsample_conv`/`downsample_bn`).
+      form: 'C2D', 'TSM' or 'I3D'.
+      num_segments: frames per clip (the 2D forms fold them into the batch axis).
+      attention: placement name for this block ('none' for plain blocks).
+      shift: whether this block shifts (TSM only); `shift_place` is 'blockres' or 'block'.
+      inflate: I3D only, whether conv1 is 3×1×1.
+    """
+
+    planes: int
+    strides: int = 1
+    downsample: bool = False
+    form: str = "C2D"
+    num_segments: int = 8
+    attention: str = "none"
+    shift: bool = False
+    shift_place: str = "blockres"
+    inflate: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _to_clips(self, x: jax.Array) -> jax.Array:
+        if self.form == "I3D":
+            return x
+        return x.reshape(-1, self.num_segments, *x.shape[1:])
+
+    def _from_clips(self, x: jax.Array, like: jax.Array) -> jax.Array:
+        return x if self.form == "I3D" else x.reshape(like.shape)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        three_d = self.form == "I3D"
+        conv = partial(
+            nn.Conv,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=conv_init,
+        )
+        norm = partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        # Kernel shapes and explicit (torch-style) padding of the three convolutions.
+        if three_d:
+            kt = 3 if self.inflate else 1
+            k1, p1 = (kt, 1, 1), ((kt // 2,) * 2, (0, 0), (0, 0))
+            k2, p2 = (1, 3, 3), ((0, 0), (1, 1), (1, 1))
+            k3, s2 = (1, 1, 1), (1, self.strides, self.strides)
+        else:
+            k1, p1 = (1, 1), ((0, 0), (0, 0))
+            k2, p2 = (3, 3), ((1, 1), (1, 1))
+            k3, s2 = (1, 1), (self.strides, self.strides)
+
+        if self.shift and self.shift_place == "block":
+            x = self._from_clips(temporal_shift(self._to_clips(x)), x)
+        residual = x
+        if self.shift and self.shift_place == "blockres":
+            x = self._from_clips(temporal_shift(self._to_clips(x)), x)
+
+        y = conv(self.planes, k1, padding=p1, name="conv1")(x)
+        y = nn.relu(norm(name="bn1")(y))
+        y = conv(self.planes, k2, strides=s2, padding=p2, name="conv2")(y)
+        y = norm(name="bn2")(y)
+        if self.attention != "none":
+            clips = apply_placement(
+                self.attention,
+                self._to_clips(y),
+                train=train,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
+            y = self._from_clips(clips, y)
+        y = nn.relu(y)
+        y = conv(self.planes * 4, k3, padding="VALID", name="conv3")(y)
+        y = norm(name="bn3")(y)
+
+        if self.downsample:
+            residual = conv(self.planes * 4, k3, strides=s2, padding="VALID", name="downsample_conv")(
+                residual
+            )
+            residual = norm(name="downsample_bn")(residual)
+        return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+    """The release's `base_model`: stem, four bottleneck stages, global average pool.
+
+    Attributes:
+      depth: 50 or 101 (the release), or 14 — one block per stage, for tests and CPU runs.
+      width: stem width (64 in the release); stage s has width·2^s planes.
+      form: 'C2D', 'TSM' or 'I3D'.
+      attention: the placement applied in the selected blocks.
+      num_classes: when set, the torchvision `fc` layer is applied here (the release does this
+        when dropout is 0); otherwise the pooled features are returned.
+    """
+
+    depth: int = 50
+    width: int = 64
+    form: str = "C2D"
+    num_segments: int = 8
+    attention: str = "none"
+    shift_place: str = "blockres"
+    num_classes: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def stage_sizes(self) -> Sequence[int]:
+        if self.depth not in STAGE_SIZES:
+            raise ValueError(f"depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}")
+        return STAGE_SIZES[self.depth]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Maps frames `[B*T, H, W, 3]` (2D forms) or clips `[B, T, H, W, 3]` (I3D).
+
+        Returns pooled features `[B*T, C]` / `[B, C]`, or logits when `num_classes` is set.
+        """
+        if self.form not in TEMPORAL_FORMS:
+            raise ValueError(f"form must be one of {TEMPORAL_FORMS}, got {self.form!r}")
+        three_d = self.form == "I3D"
+        x = x.astype(self.dtype)
+        if three_d:
+            stem = dict(kernel_size=(5, 7, 7), strides=(1, 2, 2), padding=((2, 2), (3, 3), (3, 3)))
+        else:
+            stem = dict(kernel_size=(7, 7), strides=(2, 2), padding=((3, 3), (3, 3)))
+        x = nn.Conv(
+            self.width,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=conv_init,
+            name="conv1",
+            **stem,
+        )(x)
+        x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="bn1",
+        )(x)
+        x = nn.relu(x)
+        if three_d:
+            x = nn.max_pool(x, (1, 3, 3), strides=(1, 2, 2), padding=((0, 0), (1, 1), (1, 1)))
+        else:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+        in_channels = self.width
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            planes = self.width * 2**stage
+            for block in range(num_blocks):
+                strides = 2 if stage > 0 and block == 0 else 1
+                selected = carries_attention(block, num_blocks)
+                x = Bottleneck(
+                    planes=planes,
+                    strides=strides,
+                    downsample=block == 0 and (strides != 1 or in_channels != planes * 4),
+                    form=self.form,
+                    num_segments=self.num_segments,
+                    attention=self.attention if selected else "none",
+                    shift=self.form == "TSM" and selected,
+                    shift_place=self.shift_place,
+                    inflate=three_d and i3d_inflates(stage, block),
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=f"layer{stage + 1}_{block}",
+                )(x, train=train)
+                in_channels = planes * 4
+
+        # Global average pool over space (and time for I3D), accumulated in float32.
+        x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), dtype=jnp.float32)
+        if self.num_classes is not None:
+            x = nn.Dense(
+                self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc"
+            )(x)
+        return x

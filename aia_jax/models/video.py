@@ -1,0 +1,153 @@
+"""The release's `VideoNet`: backbone, dropout, classifier, consensus; and the name grammar.
+
+A name is `<BACKBONE>[_<PLACEMENT>][_BN]` with BACKBONE in C2D (TSN), TSM or I3D and PLACEMENT
+one of the eleven of the release, e.g. `TSM`, `TSM_CinST_BN`, `C2D_STinCplusCinST`, `I3D_CinST`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aia_jax.models.attention import PLACEMENTS
+from aia_jax.models.resnet import STAGE_SIZES, TEMPORAL_FORMS, ResNet
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelName:
+    """A parsed release name: the temporal form and the attention placement."""
+
+    form: str
+    placement: str
+
+    @property
+    def canonical(self) -> str:
+        return self.form if self.placement == "none" else f"{self.form}_{self.placement}_BN"
+
+
+def valid_names() -> list[str]:
+    """Every name `create` accepts, in canonical form (`_BN` may also be left out)."""
+    return [ModelName(f, p).canonical for f in TEMPORAL_FORMS for p in PLACEMENTS]
+
+
+def parse_name(name: str) -> ModelName:
+    """Parses `TSM_CinST_BN`-style names; raises ValueError listing the valid ones."""
+    parts = name.split("_")
+    if len(parts) > 1 and parts[-1] == "BN":
+        parts = parts[:-1]
+    form = parts[0]
+    placement = "_".join(parts[1:]) or "none"
+    named_none = len(parts) > 1 and placement == "none"
+    if form not in TEMPORAL_FORMS or placement not in PLACEMENTS or named_none:
+        raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(valid_names())}")
+    return ModelName(form, placement)
+
+
+class VideoNet(nn.Module):
+    """Clips `[B, T, H, W, 3]` (normalised) → float32 logits `[B, num_classes]`.
+
+    2D forms (C2D, TSM): frames through the ResNet, dropout, `new_fc` per frame, average over T
+    (the release's "avg consensus"). I3D: global space-time pooling, dropout, `new_fc`. With
+    dropout 0 the classifier is the backbone's `fc`, as the release places it.
+    """
+
+    num_classes: int
+    form: str = "TSM"
+    placement: str = "none"
+    num_segments: int = 8
+    depth: int = 50
+    width: int = 64
+    dropout: float = 0.5
+    shift_place: str = "blockres"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, clips: jax.Array, *, train: bool) -> jax.Array:
+        if clips.ndim != 5 or clips.shape[1] != self.num_segments or clips.shape[-1] != 3:
+            raise ValueError(
+                f"expected clips [B, {self.num_segments}, H, W, 3], got shape {clips.shape}"
+            )
+        b, t = clips.shape[:2]
+        head_in_base = self.dropout == 0
+        frames = clips if self.form == "I3D" else clips.reshape(b * t, *clips.shape[2:])
+        x = ResNet(
+            depth=self.depth,
+            width=self.width,
+            form=self.form,
+            num_segments=self.num_segments,
+            attention=self.placement,
+            shift_place=self.shift_place,
+            num_classes=self.num_classes if head_in_base else None,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="base_model",
+        )(frames, train=train)
+        if not head_in_base:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = nn.Dense(
+                self.num_classes,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=nn.initializers.normal(0.001),
+                name="new_fc",
+            )(x)
+        x = x.astype(jnp.float32)
+        if self.form != "I3D":
+            x = x.reshape(b, t, self.num_classes).mean(axis=1)
+        return x
+
+
+def create(
+    name: str,
+    *,
+    num_classes: int,
+    num_segments: int = 8,
+    depth: int = 50,
+    width: int = 64,
+    dropout: float = 0.5,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    shift_place: str = "blockres",
+) -> VideoNet:
+    """Builds a network from a release name.
+
+    Args:
+      name: `C2D`, `TSM`, `TSM_CinST_BN`, `C2D_STinCplusCinST`, `I3D_CinST_BN`, ….
+      num_classes: classifier size.
+      num_segments: frames per clip T.
+      depth: 50 or 101 (the release), or 14 (one block per stage: tests and CPU runs).
+      width: stem width; 64 in the release.
+      dropout: before the classifier; 0 puts the classifier at `base_model/fc`.
+      dtype: compute dtype (e.g. `jnp.bfloat16`); logits and BatchNorm statistics stay float32.
+      param_dtype: parameter storage dtype.
+      shift_place: TSM only, 'blockres' (the release) or 'block'.
+
+    Returns:
+      The `VideoNet` module; apply it as `module.apply(variables, clips, train=False)`.
+    """
+    spec = parse_name(name)
+    if depth not in STAGE_SIZES:
+        raise ValueError(f"depth must be one of {sorted(STAGE_SIZES)}, got {depth}")
+    if shift_place not in ("blockres", "block"):
+        raise ValueError(f"shift_place must be 'blockres' or 'block', got {shift_place!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return VideoNet(
+        num_classes=num_classes,
+        form=spec.form,
+        placement=spec.placement,
+        num_segments=num_segments,
+        depth=depth,
+        width=width,
+        dropout=dropout,
+        shift_place=shift_place,
+        dtype=jnp.dtype(dtype),
+        param_dtype=jnp.dtype(param_dtype),
+    )

@@ -1,0 +1,204 @@
+"""Unit tests of the model zoo: shift, gates, block rule, names, counts, jit in f32 and bf16."""
+
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aia_jax import models
+from aia_jax.convert import release
+from aia_jax.models.attention import GateConv, _apply_gate, _norm
+
+KEY_LISTS = sorted((Path(__file__).parent / "data" / "official_keys").glob("*.txt"))
+
+
+def test_temporal_shift_hand_computed():
+    # One clip of 3 frames, 1×1 pixels, 16 channels → fold 2; frame f, channel c holds 100f + c.
+    x = (100 * np.arange(3)[:, None] + np.arange(16)[None, :]).astype(np.float32)
+    x = x.reshape(1, 3, 1, 1, 16)
+    y = np.asarray(models.temporal_shift(jnp.asarray(x)))[0, :, 0, 0]
+    assert y.shape == (3, 16)
+    np.testing.assert_array_equal(y[:, 0:2], [[100, 101], [200, 201], [0, 0]])  # from t+1
+    np.testing.assert_array_equal(y[:, 2:4], [[0, 0], [2, 3], [102, 103]])  # from t-1
+    np.testing.assert_array_equal(y[:, 4:], x[0, :, 0, 0, 4:])  # untouched
+
+
+def test_temporal_shift_keeps_clips_apart():
+    x = jnp.ones((2, 4, 2, 2, 8))
+    y = np.asarray(models.temporal_shift(x))
+    assert y.shape == x.shape
+    # Zero padding at both ends of every clip: channel 0 is empty in the last frame, channel 1
+    # in the first, and no value leaks from clip 0 into clip 1.
+    assert (y[:, -1, ..., 0] == 0).all() and (y[:, :-1, ..., 0] == 1).all()
+    assert (y[:, 0, ..., 1] == 0).all() and (y[:, 1:, ..., 1] == 1).all()
+
+
+def test_pool_is_max_then_mean():
+    x = jnp.asarray([[1.0, 5.0, 3.0]])
+    np.testing.assert_allclose(models.pool_max_mean(x, 1), [[5.0, 3.0]])
+
+
+# --- an independent numpy version of one gate, in the release's own layout -----------------
+
+_RELEASE_POOL_AXIS = {"C": 2, "T": 1, "H": 3, "W": 4}  # of x as [b, t, c, h, w]
+# Conv3d input [b, 2, D1, D2, D3] as a permutation of the pooled [b, 2, t, c, h, w] minus one axis.
+_RELEASE_CONV_DIMS = {"C": "thw", "T": "chw", "H": "tcw", "W": "thc"}
+
+
+def _conv3d_same(inp: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Cross-correlation of [b, 2, D1, D2, D3] with torch weight [1, 2, 3, 3, 3], padding 1."""
+    padded = np.pad(inp, [(0, 0), (0, 0), (1, 1), (1, 1), (1, 1)])
+    d1, d2, d3 = inp.shape[2:]
+    out = np.zeros((inp.shape[0], 1, d1, d2, d3))
+    for i in range(3):
+        for j in range(3):
+            for k in range(3):
+                window = padded[:, :, i : i + d1, j : j + d2, k : k + d3]
+                out[:, 0] += np.einsum("bcxyz,c->bxyz", window, weight[0, :, i, j, k])
+    return out
+
+
+def _numpy_gate(x_btchw: np.ndarray, gate: str, weight: np.ndarray, bn: dict) -> np.ndarray:
+    axis = _RELEASE_POOL_AXIS[gate]
+    pooled = np.stack([x_btchw.max(axis), x_btchw.mean(axis)], axis=1)  # [b, 2, rest…]
+    rest = [d for d in "tchw" if d != "tchw"[axis - 1]]
+    order = [rest.index(d) + 2 for d in _RELEASE_CONV_DIMS[gate]]
+    conv = _conv3d_same(np.transpose(pooled, [0, 1, *order]), weight)
+    normed = (conv - bn["mean"]) / np.sqrt(bn["var"] + 1e-5) * bn["scale"] + bn["bias"]
+    g = 1 / (1 + np.exp(-normed))[:, 0]  # [b, D1, D2, D3]
+    # Back to [b, t, c, h, w] with the pooled axis as a singleton.
+    g = np.transpose(g, [0, *np.argsort(order) + 1])
+    return np.expand_dims(g, axis)
+
+
+class _OneGate(nn.Module):
+    gate: str
+
+    @nn.compact
+    def __call__(self, x):
+        return _apply_gate(x, self.gate, GateConv(self.gate), _norm(jnp.float32, jnp.float32, False, "bn"), x.dtype)
+
+
+@pytest.mark.parametrize("gate", ["C", "T", "H", "W"])
+def test_gate_matches_hand_computed_release_layout(gate):
+    rng = np.random.default_rng(0)
+    b, t, c, h, w = 2, 3, 5, 4, 6  # all different so any axis mix-up shows
+    x_btchw = rng.normal(size=(b, t, c, h, w)).astype(np.float32)
+    weight = rng.normal(size=(1, 2, 3, 3, 3)).astype(np.float32)
+    bn = {"scale": 1.3, "bias": -0.2, "mean": 0.1, "var": 0.7}
+    module = _OneGate(gate)
+    x = jnp.asarray(np.transpose(x_btchw, (0, 1, 3, 4, 2)))  # → [b, t, h, w, c]
+    variables = {
+        "params": {
+            "GateConv_0": {"kernel": jnp.asarray(release.to_flax_layout(weight))},
+            "bn": {"scale": jnp.full((1,), bn["scale"]), "bias": jnp.full((1,), bn["bias"])},
+        },
+        "batch_stats": {"bn": {"mean": jnp.full((1,), bn["mean"]), "var": jnp.full((1,), bn["var"])}},
+    }
+    got = np.asarray(module.apply(variables, x))
+    want = np.transpose(_numpy_gate(x_btchw, gate, weight, bn), (0, 1, 3, 4, 2))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_units_apply_second_gate_to_the_original_input():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(1, 3, 4, 4, 8)).astype(np.float32))
+    for unit in ("CinST", "STinC"):
+        module = models.AttentionUnit(unit)
+        variables = module.init(jax.random.key(0), x, train=False)
+        y = module.apply(variables, x, train=False)
+        # x * gate with gate in (0, 1): the sign of x survives and |y| < |x|.
+        assert np.all(np.sign(y) == np.sign(x)) and np.all(np.abs(y) < np.abs(x))
+        assert set(variables["params"]) == {"C_conv", "C_bn", "T_conv", "T_bn", "H_conv", "H_bn", "W_conv", "W_bn"}
+
+
+def test_block_rule():
+    assert [models.carries_attention(i, 6) for i in range(6)] == [True] * 6
+    assert [models.carries_attention(i, 23) for i in range(4)] == [True, False, True, False]
+
+
+@pytest.mark.parametrize("path", KEY_LISTS, ids=lambda p: p.stem)
+def test_release_keys_shapes_and_dtypes(path):
+    """`to_torch` of a network built from each official key list yields exactly that list."""
+    lines = path.read_text().splitlines()
+    header = dict(kv.split("=") for kv in lines[1].lstrip("# ").split())
+    want = {}
+    for line in lines:
+        if line and not line.startswith("#"):
+            key, shape, dtype = line.split()
+            want[key] = (() if shape == "scalar" else tuple(map(int, shape.split("x"))), dtype)
+    model = models.create(
+        header["net"],
+        num_classes=int(header["num_class"]),
+        num_segments=int(header["num_segments"]),
+        depth=int(header["arch"].removeprefix("resnet")),
+        dropout=float(header["dropout"]),
+    )
+    shapes = release.variable_shapes(model)
+    zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    got = {k: (v.shape, str(v.dtype)) for k, v in release.to_torch(zeros, model).items()}
+    assert got == want
+
+
+def _count(tree) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [("TSM", 23_864_558), ("C2D", 23_864_558), ("TSM_CinST_BN", 23_868_142), ("C2D_STinC", 23_868_142), ("I3D", 27_580_398), ("I3D_CinST_BN", 27_583_982)],
+)
+def test_parameter_counts(name, expected):
+    shapes = release.variable_shapes(models.create(name, num_classes=174))
+    assert _count(shapes["params"]) == expected
+
+
+def test_resnet101_alternate_blocks_have_neither_attention_nor_shift():
+    shapes = release.variable_shapes(models.create("TSM_CinST_BN", num_classes=174, depth=101))
+    base = shapes["params"]["base_model"]
+    assert "eft" in base["layer3_0"] and "eft" not in base["layer3_1"] and "eft" in base["layer3_22"]
+
+
+def test_create_rejects_unknown_names_with_the_list():
+    with pytest.raises(ValueError, match="valid names: C2D, C2D_C_BN"):
+        models.create("TSM_CinSt", num_classes=3)
+    assert models.parse_name("TSM_CinST") == models.parse_name("TSM_CinST_BN")
+    assert models.parse_name("C2D").placement == "none"
+
+
+@pytest.mark.parametrize("form", ["C2D", "TSM", "I3D"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_jit_forward_and_gradient_step(form, dtype):
+    model = models.create(f"{form}_CinST", num_classes=5, num_segments=4, depth=14, width=8, dtype=dtype)
+    clips = jax.random.normal(jax.random.key(0), (2, 4, 32, 32, 3))
+    variables = model.init(jax.random.key(1), clips, train=False)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, clips)
+    assert logits.shape == (2, 5) and logits.dtype == jnp.float32
+
+    @jax.jit
+    def step(variables, clips):
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                clips,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.key(2)},
+            )
+            return jnp.mean(logits**2), updates
+
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, variables["params"], grads)
+        return {"params": params, "batch_stats": updates["batch_stats"]}, loss, grads
+
+    new, loss, grads = step(variables, clips)
+    assert np.isfinite(loss)
+    assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+    gate_grad = grads["base_model"]["layer1_0"]["eft"]["T_conv"]["kernel"]
+    assert float(jnp.abs(gate_grad).sum()) > 0
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new))

@@ -1,0 +1,83 @@
+"""Logits of the Flax networks equal the independent PyTorch implementation of the release.
+
+Every placement on C2D and TSM, eval mode (running statistics) and train mode (batch
+statistics), float32, random inputs and random weights (every parameter and buffer), plus
+ResNet-101's alternate-block rule. Weights go through `aia_jax.convert.from_torch`.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from aia_jax import models  # noqa: E402
+from aia_jax.convert import release  # noqa: E402
+from tests import torch_reference  # noqa: E402
+
+PLACEMENTS = [p for p in models.PLACEMENTS if p != "none"]
+NAMES = [f"{form}_{p}_BN" for form in ("C2D", "TSM") for p in PLACEMENTS] + ["C2D", "TSM"]
+SEGMENTS, SIZE = 4, 64
+
+
+def _rel_err(got, want) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _pair(name: str, *, depth: int = 14, width: int = 8, dropout: float = 0.5, seed: int = 0):
+    ref = torch_reference.build(
+        name, num_classes=7, num_segments=SEGMENTS, depth=depth, dropout=dropout, width=width
+    )
+    torch_reference.randomize_(ref, seed)
+    state = {"module." + k: v for k, v in ref.state_dict().items()}
+    model = models.create(
+        name, num_classes=7, num_segments=SEGMENTS, depth=depth, width=width, dropout=dropout
+    )
+    return ref, model, release.from_torch(state, model)
+
+
+def _clips(seed: int = 0):
+    x = np.random.default_rng(seed).normal(size=(2, SEGMENTS, 3, SIZE, SIZE)).astype(np.float32)
+    return x, jnp.asarray(np.transpose(x, (0, 1, 3, 4, 2)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_mode_logits(name):
+    ref, model, variables = _pair(name)
+    x_torch, x_flax = _clips()
+    with torch.no_grad():
+        want = ref.eval()(torch.from_numpy(x_torch)).numpy()
+    got = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x_flax))
+    assert _rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_mode_logits_and_running_means(name):
+    # Dropout differs in its random draws between frameworks, so train mode is compared with
+    # dropout 0, which also exercises the release's `base_model.fc` head.
+    ref, model, variables = _pair(name, dropout=0.0, seed=1)
+    x_torch, x_flax = _clips(1)
+    with torch.no_grad():
+        want = ref.train()(torch.from_numpy(x_torch)).numpy()
+    got, updates = jax.jit(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])
+    )(variables, x_flax)
+    assert _rel_err(np.asarray(got), want) < 1e-5
+    # The running means move the same way (momentum 0.1 in torch = 0.9 in Flax).
+    new_state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    converted = release.to_torch({"params": variables["params"], **updates}, model)
+    for key, value in converted.items():
+        if key.endswith("running_mean"):
+            want_mean = new_state[key.removeprefix("module.")]
+            np.testing.assert_allclose(value, want_mean, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_resnet101_alternate_block_rule():
+    ref, model, variables = _pair("TSM_CinST_BN", depth=101, width=8, seed=2)
+    x_torch, x_flax = _clips(2)
+    with torch.no_grad():
+        want = ref.eval()(torch.from_numpy(x_torch)).numpy()
+    got = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x_flax))
+    assert _rel_err(got, want) < 1e-5
