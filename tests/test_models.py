@@ -79,7 +79,9 @@ class _OneGate(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return _apply_gate(x, self.gate, GateConv(self.gate), _norm(jnp.float32, jnp.float32, False, "bn"), x.dtype)
+        return _apply_gate(
+            x, self.gate, GateConv(self.gate), _norm(jnp.float32, jnp.float32, False, "bn"), x.dtype
+        )
 
 
 @pytest.mark.parametrize("gate", ["C", "T", "H", "W"])
@@ -96,7 +98,9 @@ def test_gate_matches_hand_computed_release_layout(gate):
             "GateConv_0": {"kernel": jnp.asarray(release.to_flax_layout(weight))},
             "bn": {"scale": jnp.full((1,), bn["scale"]), "bias": jnp.full((1,), bn["bias"])},
         },
-        "batch_stats": {"bn": {"mean": jnp.full((1,), bn["mean"]), "var": jnp.full((1,), bn["var"])}},
+        "batch_stats": {
+            "bn": {"mean": jnp.full((1,), bn["mean"]), "var": jnp.full((1,), bn["var"])}
+        },
     }
     got = np.asarray(module.apply(variables, x))
     want = np.transpose(_numpy_gate(x_btchw, gate, weight, bn), (0, 1, 3, 4, 2))
@@ -113,7 +117,16 @@ def test_units_apply_second_gate_to_the_original_input():
         y = module.apply(variables, x, train=False)
         # x * gate with gate in (0, 1): the sign of x survives and |y| < |x|.
         assert np.all(np.sign(y) == np.sign(x)) and np.all(np.abs(y) < np.abs(x))
-        assert set(variables["params"]) == {"C_conv", "C_bn", "T_conv", "T_bn", "H_conv", "H_bn", "W_conv", "W_bn"}
+        assert set(variables["params"]) == {
+            "C_conv",
+            "C_bn",
+            "T_conv",
+            "T_bn",
+            "H_conv",
+            "H_bn",
+            "W_conv",
+            "W_bn",
+        }
 
 
 def test_block_rule():
@@ -150,7 +163,14 @@ def _count(tree) -> int:
 
 @pytest.mark.parametrize(
     "name,expected",
-    [("TSM", 23_864_558), ("C2D", 23_864_558), ("TSM_CinST_BN", 23_868_142), ("C2D_STinC", 23_868_142), ("I3D", 27_580_398), ("I3D_CinST_BN", 27_583_982)],
+    [
+        ("TSM", 23_864_558),
+        ("C2D", 23_864_558),
+        ("TSM_CinST_BN", 23_868_142),
+        ("C2D_STinC", 23_868_142),
+        ("I3D", 27_580_398),
+        ("I3D_CinST_BN", 27_583_982),
+    ],
 )
 def test_parameter_counts(name, expected):
     shapes = release.variable_shapes(models.create(name, num_classes=174))
@@ -160,7 +180,9 @@ def test_parameter_counts(name, expected):
 def test_resnet101_alternate_blocks_have_neither_attention_nor_shift():
     shapes = release.variable_shapes(models.create("TSM_CinST_BN", num_classes=174, depth=101))
     base = shapes["params"]["base_model"]
-    assert "eft" in base["layer3_0"] and "eft" not in base["layer3_1"] and "eft" in base["layer3_22"]
+    assert (
+        "eft" in base["layer3_0"] and "eft" not in base["layer3_1"] and "eft" in base["layer3_22"]
+    )
 
 
 def test_create_rejects_unknown_names_with_the_list():
@@ -173,7 +195,9 @@ def test_create_rejects_unknown_names_with_the_list():
 @pytest.mark.parametrize("form", ["C2D", "TSM", "I3D"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_jit_forward_and_gradient_step(form, dtype):
-    model = models.create(f"{form}_CinST", num_classes=5, num_segments=4, depth=14, width=8, dtype=dtype)
+    model = models.create(
+        f"{form}_CinST", num_classes=5, num_segments=4, depth=14, width=8, dtype=dtype
+    )
     clips = jax.random.normal(jax.random.key(0), (2, 4, 32, 32, 3))
     variables = model.init(jax.random.key(1), clips, train=False)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
@@ -202,3 +226,24 @@ def test_jit_forward_and_gradient_step(form, dtype):
     gate_grad = grads["base_model"]["layer1_0"]["eft"]["T_conv"]["kernel"]
     assert float(jnp.abs(gate_grad).sum()) > 0
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new))
+
+
+def test_partial_bn_keeps_block_statistics_and_updates_the_stem():
+    model = models.create("TSM_CinST", num_classes=3, num_segments=2, depth=14, width=8)
+    frozen = models.create(
+        "TSM_CinST", num_classes=3, num_segments=2, depth=14, width=8, partial_bn=True
+    )
+    clips = jax.random.normal(jax.random.key(0), (2, 2, 32, 32, 3))
+    variables = model.init(jax.random.key(1), clips, train=False)
+    _, updates = frozen.apply(
+        variables, clips, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)}
+    )
+    old, new = variables["batch_stats"]["base_model"], updates["batch_stats"]["base_model"]
+    assert not np.allclose(old["bn1"]["mean"], new["bn1"]["mean"])
+    np.testing.assert_array_equal(old["layer2_0"]["bn2"]["mean"], new["layer2_0"]["bn2"]["mean"])
+    assert not np.allclose(
+        old["layer2_0"]["eft"]["T_bn"]["mean"], new["layer2_0"]["eft"]["T_bn"]["mean"]
+    )
+    assert models.frozen_by_partial_bn(("base_model", "layer2_0", "bn2", "scale"))
+    assert not models.frozen_by_partial_bn(("base_model", "bn1", "scale"))
+    assert not models.frozen_by_partial_bn(("base_model", "layer2_0", "eft", "T_bn", "scale"))

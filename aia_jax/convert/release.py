@@ -158,7 +158,8 @@ def from_torch(state_dict: Mapping[str, Any], model: VideoNet) -> Variables:
     otherwise one ConversionError lists what disagrees (the named network first, then the
     missing, unexpected and wrong-shape keys). `num_batches_tracked` entries are accepted and
     dropped (Flax's BatchNorm keeps no counter). Note that TSM and C2D checkpoints have the same
-    keys: the form comes from the name the user gives.
+    keys, and so have placements with the same units (CinST / STinC; C2ST / CplusST;
+    CinST2STinC / STinC2CinST / STinCplusCinST): those come from the name the user gives.
 
     Args:
       state_dict: key → array (numpy or torch), with or without the `module.` prefix.
@@ -200,15 +201,75 @@ def from_torch(state_dict: Mapping[str, Any], model: VideoNet) -> Variables:
     return variables
 
 
+def batch_counters(state_dict: Mapping[str, Any]) -> dict[str, int]:
+    """The BatchNorm `num_batches_tracked` values of a release state dict (keys without `module.`).
+
+    Flax keeps no such counter; hand the result to `to_torch` to write the same values back.
+    """
+    return {
+        k: int(np.asarray(_as_numpy(v)).reshape(-1)[0])
+        for k, v in strip_prefix(state_dict).items()
+        if k.endswith(".num_batches_tracked") and np.size(_as_numpy(v)) == 1
+    }
+
+
+# Rank of a key component among its siblings in the release's registration order (the order of
+# `state_dict()` and of official_keys/): stem, stages, fc; conv/bn pairs in a block; gates C, T,
+# H, W; BatchNorm leaves as torch registers them. Numbers sort numerically, unknown names last.
+_ORDER = {
+    name: i
+    for i, name in enumerate(
+        "base_model new_fc conv1 bn1 conv2 bn2 conv3 bn3 layer1 layer2 layer3 layer4 fc "
+        "C_conv C_bn T_conv T_bn H_conv H_bn W_conv W_bn "
+        "weight bias running_mean running_var num_batches_tracked".split()
+    )
+}
+# Within a bottleneck the release's C2D registers the attention before `downsample`, its TSM
+# after it (official_keys/ shows both); I3D is not a release network and follows C2D.
+_BLOCK_TAIL = {
+    "TSM": ("downsample", "eft", "eft1", "eft2"),
+    "default": ("eft", "eft1", "eft2", "downsample"),
+}
+
+
+def release_order(keys: list[str], form: str) -> list[str]:
+    """`keys` (with or without `module.`) sorted into the release's `state_dict()` order."""
+    tail = _BLOCK_TAIL.get(form, _BLOCK_TAIL["default"])
+    ranks = {**_ORDER, **{name: 100 + i for i, name in enumerate(tail)}}
+
+    def rank(key: str) -> tuple[tuple[int, int, str], ...]:
+        parts = key.removeprefix("module.").split(".")
+        return tuple(
+            (0, int(p), "") if p.isdigit() else (0, ranks[p], "") if p in ranks else (1, 0, p)
+            for p in parts
+        )
+
+    return sorted(keys, key=rank)
+
+
 def to_torch(
-    variables: Mapping[str, Any], model: VideoNet, *, num_batches_tracked: int = 0
+    variables: Mapping[str, Any],
+    model: VideoNet,
+    *,
+    num_batches_tracked: int | Mapping[str, int] = 0,
 ) -> dict[str, np.ndarray]:
     """The release's state dict (with the `module.` prefix of DataParallel) of `variables`.
 
-    Keys come out in the order the release's modules register them within each block is not
-    guaranteed; the set of keys, shapes and dtypes is exactly the release's, BatchNorm
-    `num_batches_tracked` included (int64, set to `num_batches_tracked`).
+    Keys come out in the release's `state_dict()` order, with exactly the release's keys, shapes
+    and dtypes (float32 tensors, BatchNorm `num_batches_tracked` int64 scalars).
+
+    Args:
+      variables: `{'params', 'batch_stats'}` of `model`.
+      model: the network from `aia_jax.models.create`.
+      num_batches_tracked: the BatchNorm counters: one value for all, or per key (as returned
+        by `batch_counters`, with or without `module.`; keys not listed get 0).
     """
+    per_key = isinstance(num_batches_tracked, Mapping)
+    counters = (
+        {k.removeprefix("module."): int(v) for k, v in num_batches_tracked.items()}
+        if per_key
+        else {}
+    )
     out: dict[str, np.ndarray] = {}
     for collection in ("params", "batch_stats"):
         for path, value in _leaves(variables.get(collection, {})):
@@ -216,9 +277,16 @@ def to_torch(
             out[key] = np.ascontiguousarray(to_torch_layout(np.asarray(value, dtype=np.float32)))
             if collection == "batch_stats" and path[-1] == "mean":
                 counter = key[: -len("running_mean")] + "num_batches_tracked"
-                out[counter] = np.array(num_batches_tracked, dtype=np.int64)
+                value = (
+                    counters.get(counter.removeprefix("module."), 0)
+                    if per_key
+                    else int(num_batches_tracked)
+                )
+                out[counter] = np.array(value, dtype=np.int64)
     expected = {
-        "module." + torch_key(c, p) for c, t in variable_shapes(model).items() for p, _ in _leaves(t)
+        "module." + torch_key(c, p)
+        for c, t in variable_shapes(model).items()
+        for p, _ in _leaves(t)
     }
     got = {k for k in out if not k.endswith("num_batches_tracked")}
     if got != expected:
@@ -226,7 +294,7 @@ def to_torch(
             f"variables do not fit {_describe(model)}: missing {sorted(expected - got)[:8]}, "
             f"unexpected {sorted(got - expected)[:8]}"
         )
-    return out
+    return {k: out[k] for k in release_order(list(out), model.form)}
 
 
 def _describe(model: VideoNet) -> str:

@@ -14,6 +14,7 @@ from aia_jax.models.resnet import (
     Bottleneck,
     ResNet,
     carries_attention,
+    frozen_by_partial_bn,
     i3d_inflates,
     temporal_shift,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "apply_placement",
     "carries_attention",
     "create",
+    "frozen_by_partial_bn",
     "i3d_inflates",
     "parse_name",
     "pool_max_mean",

@@ -54,6 +54,20 @@ def i3d_inflates(stage: int, block: int) -> bool:
     return block % 2 == 0
 
 
+def frozen_by_partial_bn(path: Sequence[str]) -> bool:
+    """Whether partial BN freezes the parameter at `path` (module names from the params root).
+
+    That is the scale and bias of every block BatchNorm of the backbone; the stem's `bn1` and
+    the attention's gate BatchNorms stay trainable.
+    """
+    return (
+        len(path) >= 3
+        and path[0] == "base_model"
+        and path[1].startswith("layer")
+        and path[2] in ("bn1", "bn2", "bn3", "downsample_bn")
+    )
+
+
 def temporal_shift(x: jax.Array, fold_div: int = 8) -> jax.Array:
     """The release's temporal shift of a `[b, t, h, w, c]` map.
 
@@ -79,6 +93,8 @@ class Bottleneck(nn.Module):
       attention: placement name for this block ('none' for plain blocks).
       shift: whether this block shifts (TSM only); `shift_place` is 'blockres' or 'block'.
       inflate: I3D only, whether conv1 is 3×1×1.
+      partial_bn: run the block's BatchNorms on their running statistics even in training
+        (TSN's partial BN; the trainer also freezes their scale and bias).
     """
 
     planes: int
@@ -90,6 +106,7 @@ class Bottleneck(nn.Module):
     shift: bool = False
     shift_place: str = "blockres"
     inflate: bool = False
+    partial_bn: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -113,7 +130,7 @@ class Bottleneck(nn.Module):
         )
         norm = partial(
             nn.BatchNorm,
-            use_running_average=not train,
+            use_running_average=not train or self.partial_bn,
             momentum=0.9,
             epsilon=1e-5,
             dtype=self.dtype,
@@ -154,9 +171,9 @@ class Bottleneck(nn.Module):
         y = norm(name="bn3")(y)
 
         if self.downsample:
-            residual = conv(self.planes * 4, k3, strides=s2, padding="VALID", name="downsample_conv")(
-                residual
-            )
+            residual = conv(
+                self.planes * 4, k3, strides=s2, padding="VALID", name="downsample_conv"
+            )(residual)
             residual = norm(name="downsample_bn")(residual)
         return nn.relu(y + residual)
 
@@ -171,6 +188,9 @@ class ResNet(nn.Module):
       attention: the placement applied in the selected blocks.
       num_classes: when set, the torchvision `fc` layer is applied here (the release does this
         when dropout is 0); otherwise the pooled features are returned.
+      partial_bn: TSN's partial BN — every backbone BatchNorm but the stem's `bn1` runs on its
+        running statistics in training. The attention's gate BatchNorms are not affected (the
+        release freezes `BatchNorm2d` layers only; the gates' are 3D).
     """
 
     depth: int = 50
@@ -180,6 +200,7 @@ class ResNet(nn.Module):
     attention: str = "none"
     shift_place: str = "blockres"
     num_classes: int | None = None
+    partial_bn: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -242,6 +263,7 @@ class ResNet(nn.Module):
                     shift=self.form == "TSM" and selected,
                     shift_place=self.shift_place,
                     inflate=three_d and i3d_inflates(stage, block),
+                    partial_bn=self.partial_bn,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"layer{stage + 1}_{block}",

@@ -65,6 +65,7 @@ class VideoNet(nn.Module):
     width: int = 64
     dropout: float = 0.5
     shift_place: str = "blockres"
+    partial_bn: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -85,6 +86,7 @@ class VideoNet(nn.Module):
             attention=self.placement,
             shift_place=self.shift_place,
             num_classes=self.num_classes if head_in_base else None,
+            partial_bn=self.partial_bn,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="base_model",
@@ -115,6 +117,7 @@ def create(
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     shift_place: str = "blockres",
+    partial_bn: bool = False,
 ) -> VideoNet:
     """Builds a network from a release name.
 
@@ -128,6 +131,7 @@ def create(
       dtype: compute dtype (e.g. `jnp.bfloat16`); logits and BatchNorm statistics stay float32.
       param_dtype: parameter storage dtype.
       shift_place: TSM only, 'blockres' (the release) or 'block'.
+      partial_bn: TSN's partial BN (see `ResNet`); off in the release's recipes.
 
     Returns:
       The `VideoNet` module; apply it as `module.apply(variables, clips, train=False)`.
@@ -148,6 +152,7 @@ def create(
         width=width,
         dropout=dropout,
         shift_place=shift_place,
+        partial_bn=partial_bn,
         dtype=jnp.dtype(dtype),
         param_dtype=jnp.dtype(param_dtype),
     )
