@@ -1,0 +1,369 @@
+"""Where videos come from: frame folders or video files named by a list, and TFDS datasets.
+
+A source is a picklable random-access collection: `len(source)`, `source.describe(i)` (a short
+"where" for messages) and `source.read(i, pick) -> (frames, label)` with
+`pick(num_frames) -> indices` choosing the frames once the video's length is known. List files
+are checked when the source is made; a problem there is a `DataError` naming file and line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from aia_jax.data import decode
+from aia_jax.data.errors import BadSampleError, DataError
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov")
+
+
+class Source(Protocol):
+    def __len__(self) -> int: ...
+
+    def describe(self, index: int) -> str: ...
+
+    def read(self, index: int, pick: decode.Pick) -> tuple[np.ndarray, int]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One line of a list: a frame folder or video file, its frame count (0: unknown), label."""
+
+    path: str
+    num_frames: int
+    label: int
+    where: str  # "list_file:line", or the folder it was found in
+
+
+# ---------------------------------------------------------------------------------------------
+# List files.
+
+
+def _read_lines(list_path: str) -> list[tuple[int, str]]:
+    if not os.path.isfile(list_path):
+        raise DataError(f"{list_path}: list file not found")
+    with open(list_path, encoding="utf-8") as f:
+        lines = [(n, line.strip()) for n, line in enumerate(f, start=1)]
+    lines = [(n, line) for n, line in lines if line]
+    if not lines:
+        raise DataError(f"{list_path}: the list is empty")
+    return lines
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _check_label(label: int, num_classes: int, where: str) -> None:
+    if num_classes > 0 and not 0 <= label < num_classes:
+        raise DataError(f"{where}: label {label} is outside [0, {num_classes})")
+
+
+def parse_frame_list(
+    list_path: str, media_root: str, num_classes: int, check_paths: bool = True
+) -> list[Entry]:
+    """Lines `relative/dir num_frames label` (the dir may hold spaces), dirs under `media_root`."""
+    entries = []
+    for n, line in _read_lines(list_path):
+        where = f"{list_path}:{n}"
+        parts = line.rsplit(maxsplit=2)
+        num_frames = _int(parts[1]) if len(parts) == 3 else None
+        label = _int(parts[2]) if len(parts) == 3 else None
+        if num_frames is None or label is None:
+            raise DataError(f"{where}: expected 'relative/dir num_frames label', got {line!r}")
+        if num_frames <= 0:
+            raise DataError(f"{where}: num_frames must be positive, got {num_frames}")
+        _check_label(label, num_classes, where)
+        if check_paths and not os.path.isdir(os.path.join(media_root, parts[0])):
+            raise DataError(f"{where}: frame folder {os.path.join(media_root, parts[0])} not found")
+        entries.append(Entry(parts[0], num_frames, label, where))
+    return entries
+
+
+def parse_video_list(
+    list_path: str, media_root: str, num_classes: int, check_paths: bool = True
+) -> list[Entry]:
+    """Lines `relative/file label` (the path may contain spaces), files under `media_root`."""
+    entries = []
+    for n, line in _read_lines(list_path):
+        where = f"{list_path}:{n}"
+        parts = line.rsplit(maxsplit=1)
+        label = _int(parts[1]) if len(parts) == 2 else None
+        if label is None:
+            raise DataError(f"{where}: expected 'relative/file label', got {line!r}")
+        _check_label(label, num_classes, where)
+        if check_paths and not os.path.isfile(os.path.join(media_root, parts[0])):
+            raise DataError(f"{where}: video {os.path.join(media_root, parts[0])} not found")
+        entries.append(Entry(parts[0], 0, label, where))
+    return entries
+
+
+def scan_class_folders(folder: str) -> tuple[list[Entry], list[str]]:
+    """One sub-folder per class (sorted names are labels 0, 1, …), video files inside each."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: video folder not found")
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    entries = []
+    for label, name in enumerate(classes):
+        for file in sorted(os.listdir(os.path.join(folder, name))):
+            if file.lower().endswith(VIDEO_EXTENSIONS):
+                entries.append(Entry(os.path.join(name, file), 0, label, folder))
+    if not entries:
+        raise DataError(
+            f"{folder}: no video files ({', '.join(VIDEO_EXTENSIONS)}) in class folders"
+        )
+    return entries, classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+
+
+@dataclasses.dataclass
+class FrameFolderSource:
+    """Frame folders of 1-based image files named by `template` (e.g. `img_{:05d}.jpg`)."""
+
+    entries: Sequence[Entry]
+    media_root: str
+    template: str
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def describe(self, index: int) -> str:
+        entry = self.entries[index]
+        return f"{entry.where} ({entry.path})"
+
+    def read(self, index: int, pick: decode.Pick) -> tuple[np.ndarray, int]:
+        entry = self.entries[index]
+        folder = os.path.join(self.media_root, entry.path)
+        return decode.read_frame_folder(folder, self.template, entry.num_frames, pick), entry.label
+
+
+@dataclasses.dataclass
+class VideoFileSource:
+    """Video files (mp4, webm, avi, …) decoded with PyAV."""
+
+    entries: Sequence[Entry]
+    media_root: str
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def describe(self, index: int) -> str:
+        entry = self.entries[index]
+        return f"{entry.where} ({entry.path})"
+
+    def read(self, index: int, pick: decode.Pick) -> tuple[np.ndarray, int]:
+        entry = self.entries[index]
+        return decode.read_video(os.path.join(self.media_root, entry.path), pick), entry.label
+
+
+class TfdsSource:
+    """A prepared TFDS dataset read through `tfds.data_source` (ArrayRecord; no TensorFlow).
+
+    The video feature is a `uint8 [N, H, W, 3]` tensor, or a `Video` feature of encoded frames.
+    TFDS needs TensorFlow to build `Video` features; without it this reads the prepared ArrayRecord
+    files itself (`tf.train.Example` protos parsed with TFDS's own TF-free protos) and decodes only
+    the picked frames.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        data_dir: str | None,
+        video_key: str = "video",
+        label_key: str = "label",
+    ):
+        self.name, self.split, self.data_dir = name, split, data_dir or None
+        self.video_key, self.label_key = video_key, label_key
+        self._reader: Any = None
+        self.raw = False
+        self._length = len(self._open())
+        self.num_classes, self.class_names = self._label_info()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_reader"] = None  # reopened lazily in each worker process
+        return state
+
+    def _open(self) -> Any:
+        if self._reader is not None:
+            return self._reader
+        import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy; only for TFDS sources)
+
+        tfds.disable_progress_bar()
+        if not self.raw:
+            try:
+                # TFDS prints a banner to stdout when a feature needs the absent TensorFlow.
+                with contextlib.redirect_stdout(io.StringIO()):
+                    self._reader = tfds.data_source(
+                        self.name, split=self.split, data_dir=self.data_dir, download=False
+                    )
+                return self._reader
+            except ModuleNotFoundError as e:
+                if "tensorflow" not in str(e):
+                    raise
+                self.raw = True
+            except (AssertionError, ValueError, KeyError, FileNotFoundError) as e:
+                where = self.data_dir or "the default TFDS data_dir"
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DataError(
+                    f"tfds {self.name!r} split {self.split!r} in {where}: {msg}"
+                ) from None
+        self._reader = RawArrayRecordExamples(self.name, self.split, self.data_dir)
+        return self._reader
+
+    def _label_info(self) -> tuple[int, list[str]]:
+        if self.raw:
+            return self._reader.label_info(self.label_key)
+        feature = self._reader.dataset_info.features[self.label_key]
+        names = list(getattr(feature, "names", None) or [])
+        return int(getattr(feature, "num_classes", 0) or 0), names
+
+    def __len__(self) -> int:
+        return self._length
+
+    def describe(self, index: int) -> str:
+        return f"tfds {self.name}[{self.split}] example {index}"
+
+    def read(self, index: int, pick: decode.Pick) -> tuple[np.ndarray, int]:
+        example = self._open()[index]
+        video, label = example[self.video_key], int(example[self.label_key])
+        if isinstance(video, np.ndarray):
+            indices = np.asarray(pick(len(video)))
+            return video[indices], label
+        # Encoded frames (the raw reader): decode only the picked ones.
+        indices = np.asarray(pick(len(video)))
+        frames = {
+            int(i): _decode_image_bytes(video[int(i)], self.describe(index))
+            for i in np.unique(indices)
+        }
+        return decode.gather(indices, frames, self.describe(index)), label
+
+
+def _decode_image_bytes(data: bytes, where: str) -> np.ndarray:
+    from PIL import Image  # noqa: PLC0415
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise BadSampleError(f"{where}: cannot decode a frame: {e}") from None
+
+
+def _tfds_default_dir() -> str:
+    return os.environ.get("TFDS_DATA_DIR") or os.path.join(
+        os.path.expanduser("~"), "tensorflow_datasets"
+    )
+
+
+class RawArrayRecordExamples:
+    """A TFDS-prepared ArrayRecord split read without TFDS's feature classes.
+
+    Each record is a serialized `tf.train.Example`; the video feature is a list of encoded frames
+    (`bytes_list`) or a raw tensor, the label an int.
+    """
+
+    def __init__(self, name: str, split: str, data_dir: str | None):
+        base, _, version = name.partition(":")
+        root = os.path.join(data_dir or _tfds_default_dir(), base)
+        if not version:
+            versions = sorted(
+                (
+                    d
+                    for d in _listdir(root)
+                    if os.path.isfile(os.path.join(root, d, "dataset_info.json"))
+                ),
+                key=lambda v: tuple(_int(x) or 0 for x in v.split(".")),
+            )
+            if not versions:
+                raise DataError(f"{root}: no prepared TFDS dataset {name!r}")
+            version = versions[-1]
+        self.directory = os.path.join(root, version)
+        with open(os.path.join(self.directory, "dataset_info.json")) as f:
+            info = json.load(f)
+        splits = {s["name"]: s for s in info.get("splits", [])}
+        if split not in splits:
+            raise DataError(f"{self.directory}: no split {split!r} (has {sorted(splits)})")
+        shards = [int(n) for n in splits[split]["shardLengths"]]
+        file_format = info.get("fileFormat", "tfrecord")
+        if file_format != "array_record":
+            raise DataError(f"{self.directory}: file format {file_format!r}, need array_record")
+        self.paths = [
+            os.path.join(
+                self.directory, f"{info['name']}-{split}.array_record-{i:05d}-of-{len(shards):05d}"
+            )
+            for i in range(len(shards))
+        ]
+        self.length = sum(shards)
+        self._source: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_source": None}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def label_info(self, label_key: str) -> tuple[int, list[str]]:
+        path = os.path.join(self.directory, "features.json")
+        try:
+            with open(path) as f:
+                features = json.load(f)["featuresDict"]["features"]
+            num_classes = int(features[label_key]["classLabel"]["numClasses"])
+        except (OSError, KeyError, ValueError):
+            return 0, []
+        names_path = os.path.join(self.directory, f"{label_key}.labels.txt")
+        names = []
+        if os.path.isfile(names_path):
+            with open(names_path) as f:
+                names = [line.strip() for line in f if line.strip()]
+        return num_classes, names
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from tensorflow_datasets.proto import tf_example_pb2  # noqa: PLC0415
+
+        if self._source is None:
+            from array_record.python import array_record_data_source  # noqa: PLC0415
+
+            self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
+        example = tf_example_pb2.Example.FromString(self._source[index])
+        out = {}
+        for key, feature in example.features.feature.items():
+            kind = feature.WhichOneof("kind")
+            if kind == "bytes_list":
+                out[key] = list(feature.bytes_list.value)
+            elif kind == "int64_list":
+                values = list(feature.int64_list.value)
+                out[key] = values[0] if len(values) == 1 else np.asarray(values)
+            elif kind == "float_list":
+                out[key] = np.asarray(feature.float_list.value)
+        return out
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+__all__ = [
+    "Entry",
+    "FrameFolderSource",
+    "RawArrayRecordExamples",
+    "Source",
+    "TfdsSource",
+    "VideoFileSource",
+    "parse_frame_list",
+    "parse_video_list",
+    "scan_class_folders",
+]

@@ -1,0 +1,295 @@
+"""Export a trained network for serving: `jax.export` StableHLO with a symbolic batch size.
+
+The exported function is the whole inference path, weights included:
+
+    uint8 clips [b, T, H, W, 3] (RGB, 0..255)  →  float32 logits [b, num_classes]
+
+normalisation (`/255`, ImageNet mean/std, as `aia_jax.data.normalize`) happens inside, so a
+server feeds decoded, sampled and cropped frames as they are. `b` is symbolic: one artefact
+serves any batch size. T, H and W are fixed at export (the model's `num_segments` and the crop
+size). With `input_dtype='float32'` the function instead takes clips that are already normalised
+(the network's own input), for callers that do their own pre-processing.
+
+Files: `<output>` holds `Exported.serialize()` bytes (StableHLO plus calling convention), and
+`<output>.json` a sidecar with the input/output signature, class names and the model's
+`model.json`. `load_exported(output)` reads both back; it needs JAX but none of this project's
+model code.
+
+    python -m aia_jax.export --checkpoint DIR --output model.jaxexport [--crop-size 224]
+        [--input-dtype uint8|float32] [--dtype float32|bfloat16] [--platforms cpu,cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SIDECAR_SUFFIX = ".json"
+FORMAT = "aia-jax-export"
+VERSION = 1
+INPUT_DTYPES = ("uint8", "float32")
+
+
+def _normalize(video: jax.Array, dtype: Any) -> jax.Array:
+    from aia_jax import data  # the pipeline's own normalisation, so served = evaluated
+
+    return data.normalize(video, dtype)
+
+
+def inference_fn(
+    model: Any,
+    variables: Mapping[str, Any],
+    *,
+    input_dtype: str = "uint8",
+    compute_dtype: Any = jnp.float32,
+) -> Callable[[jax.Array], jax.Array]:
+    """`clips → float32 logits` with `variables` closed over (they become constants).
+
+    Args:
+      model: a `VideoNet`.
+      variables: `{'params', 'batch_stats'}`.
+      input_dtype: 'uint8' (raw RGB, normalised inside) or 'float32' (already normalised).
+      compute_dtype: the network's activation dtype (the model's `dtype` should agree).
+    """
+    if input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
+    variables = jax.tree.map(jnp.asarray, dict(variables))
+
+    def infer(clips: jax.Array) -> jax.Array:
+        if input_dtype == "uint8":
+            clips = _normalize(clips, compute_dtype)
+        else:
+            clips = clips.astype(compute_dtype)
+        return model.apply(variables, clips, train=False).astype(jnp.float32)
+
+    return infer
+
+
+def export_model(
+    model: Any,
+    variables: Mapping[str, Any],
+    *,
+    crop_size: int,
+    input_dtype: str = "uint8",
+    compute_dtype: Any = jnp.float32,
+    platforms: Sequence[str] | None = None,
+) -> jax.export.Exported:
+    """`jax.export`s `inference_fn` for clips `[b, T, crop, crop, 3]` with a symbolic `b`.
+
+    Args:
+      platforms: e.g. `('cpu', 'cuda')` to serve on either; default the current backend.
+    """
+    (b,) = jax.export.symbolic_shape("b", constraints=("b >= 1",))
+    spec = jax.ShapeDtypeStruct(
+        (b, model.num_segments, crop_size, crop_size, 3), jnp.dtype(input_dtype)
+    )
+    fn = inference_fn(model, variables, input_dtype=input_dtype, compute_dtype=compute_dtype)
+    return jax.export.export(jax.jit(fn), platforms=platforms)(spec)
+
+
+def write_export(
+    path: str, exported: jax.export.Exported, sidecar: Mapping[str, Any]
+) -> tuple[str, str]:
+    """Writes the serialized artefact and its JSON sidecar; returns both paths."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    try:
+        blob = exported.serialize()
+    except ImportError as e:  # jax's serializer needs the optional `flatbuffers` package
+        raise ImportError(f"{e} (pip install flatbuffers)") from e
+    with open(path, "wb") as f:
+        f.write(blob)
+    side = path + SIDECAR_SUFFIX
+    with open(side, "w") as f:
+        json.dump(dict(sidecar), f, indent=2)
+        f.write("\n")
+    return path, side
+
+
+def make_sidecar(
+    exported: jax.export.Exported,
+    *,
+    meta: Mapping[str, Any],
+    input_dtype: str,
+    compute_dtype: Any,
+    class_names: Sequence[str] | None,
+) -> dict[str, Any]:
+    """The JSON description of an artefact: signature, pre-processing, classes, model."""
+    (in_aval,) = exported.in_avals
+    (out_aval,) = exported.out_avals
+    shape = [d if isinstance(d, int) else str(d) for d in in_aval.shape]
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "input": {
+            "shape": shape,
+            "dtype": input_dtype,
+            "layout": "[batch, frames, height, width, RGB]",
+            "preprocessing": (
+                "raw RGB 0..255; /255 and ImageNet mean/std normalisation inside"
+                if input_dtype == "uint8"
+                else "already normalised: (x/255 - ImageNet mean) / ImageNet std"
+            ),
+        },
+        "output": {
+            "shape": [d if isinstance(d, int) else str(d) for d in out_aval.shape],
+            "dtype": "float32",
+            "kind": "logits (softmax for probabilities)",
+        },
+        "compute_dtype": jnp.dtype(compute_dtype).name,
+        "platforms": list(exported.platforms),
+        "class_names": list(class_names) if class_names else None,
+        "model": dict(meta),
+        "jax_version": jax.__version__,
+    }
+
+
+@dataclasses.dataclass
+class LoadedExport:
+    """A deserialized artefact: call it with clips, get numpy logits."""
+
+    exported: jax.export.Exported
+    sidecar: dict[str, Any]
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.sidecar.get("class_names")
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        return np.dtype(self.exported.in_avals[0].dtype)
+
+    def __call__(self, clips: Any) -> np.ndarray:
+        clips = np.asarray(clips)
+        if clips.dtype != self.input_dtype:
+            raise TypeError(f"expected {self.input_dtype} clips, got {clips.dtype}")
+        return np.asarray(self.exported.call(clips))
+
+
+def load_exported(path: str) -> LoadedExport:
+    """Reads `path` (serialized `Exported`) and its sidecar `path.json` (optional)."""
+    with open(path, "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    sidecar: dict[str, Any] = {}
+    if os.path.exists(path + SIDECAR_SUFFIX):
+        with open(path + SIDECAR_SUFFIX) as f:
+            sidecar = json.load(f)
+    return LoadedExport(exported, sidecar)
+
+
+# ---------------------------------------------------------------------------------------------
+# From a model directory.
+
+
+def export_checkpoint(
+    checkpoint: str,
+    output: str,
+    *,
+    crop_size: int | None = None,
+    input_dtype: str = "uint8",
+    dtype: str = "float32",
+    platforms: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Exports a model directory or training workdir (its best checkpoint) to `output`.
+
+    Args:
+      crop_size: H = W of the clips; default the workdir config's `data.crop_size`, else 224.
+      class_names: default those `aia_jax.predict.find_class_names` finds for the checkpoint.
+
+    Returns:
+      The sidecar dict (also written to `output.json`).
+    """
+    from aia_jax import modelio, predict
+
+    variables, meta = modelio.load_model(checkpoint)
+    settings = predict.preprocessing_settings(checkpoint)
+    crop_size = int(crop_size or settings["crop_size"])
+    compute_dtype = jnp.dtype(dtype)
+    model = modelio.create_model(meta, dtype=compute_dtype)
+    exported = export_model(
+        model,
+        variables,
+        crop_size=crop_size,
+        input_dtype=input_dtype,
+        compute_dtype=compute_dtype,
+        platforms=platforms,
+    )
+    if class_names is None:
+        class_names = predict.find_class_names(checkpoint, meta)
+    sidecar = make_sidecar(
+        exported,
+        meta={**meta, "checkpoint": os.path.abspath(checkpoint)},
+        input_dtype=input_dtype,
+        compute_dtype=compute_dtype,
+        class_names=class_names,
+    )
+    sidecar["crop_size"] = crop_size
+    write_export(output, exported, sidecar)
+    return sidecar
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m aia_jax.export",
+        description="Export a model directory or training workdir as batch-polymorphic StableHLO.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+    parser.add_argument("--output", required=True, help="artefact path, e.g. model.jaxexport")
+    parser.add_argument(
+        "--crop-size",
+        type=int,
+        default=None,
+        help="clip height = width (default: the config's crop_size, else 224)",
+    )
+    parser.add_argument(
+        "--input-dtype",
+        choices=INPUT_DTYPES,
+        default="uint8",
+        help="uint8: raw RGB, normalised inside (default); float32: normalised",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype of the network",
+    )
+    parser.add_argument(
+        "--platforms",
+        default=None,
+        help="comma-separated, e.g. cpu,cuda (default: this machine's backend)",
+    )
+    parser.add_argument("--classnames", default=None, help="file with one class name per line")
+    args = parser.parse_args(argv)
+    from aia_jax import predict
+
+    names = predict.read_class_names(args.classnames) if args.classnames else None
+    platforms = tuple(p for p in args.platforms.split(",") if p) if args.platforms else None
+    sidecar = export_checkpoint(
+        args.checkpoint,
+        args.output,
+        crop_size=args.crop_size,
+        input_dtype=args.input_dtype,
+        dtype=args.dtype,
+        platforms=platforms,
+        class_names=names,
+    )
+    print(
+        f"Wrote {args.output} and {args.output}{SIDECAR_SUFFIX}: {sidecar['input']['dtype']} "
+        f"{sidecar['input']['shape']} -> logits {sidecar['output']['shape']} "
+        f"on {', '.join(sidecar['platforms'])}."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Classify one video: a video file (PyAV) or a folder of frames (image files in sorted order).
+
+    python -m aia_jax.predict --checkpoint DIR VIDEO_OR_FRAME_DIR [--classnames FILE] [--top 5]
+
+Pre-processing is the release's validation protocol: `num_segments` frames at the segment
+centres (T from the model directory's `model.json`; a workdir trained with `dense3d` sampling
+uses its evenly spread clip instead), every frame resized as in training, one centre crop.
+Sizes come from the training config when the checkpoint is a workdir (`config.json`), else the
+release's defaults (resize to 240x320, crop 224); `--resize`/`--crop-size` override them.
+
+Class names: `--classnames FILE` (one per line), else what the checkpoint records (`model.json`
+`class_names`/`classnames`, or the workdir config's dataset), else class numbers.
+
+A live webcam stream is out of scope: decode frames yourself and call `predict_clip` on
+`[1, T, S, S, 3]` uint8 clips (or serve an `aia_jax.export` artefact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+DEFAULTS = {
+    "resize": (240, 320),
+    "resize_short_side": 0,
+    "crop_size": 224,
+    "sampling": "tsn",
+    "clip_len": 0,
+    "frame_interval": 8,
+}
+CONFIG_FILE = "config.json"  # written by the trainer into a workdir
+
+
+# ---------------------------------------------------------------------------------------------
+# What the checkpoint says about pre-processing and classes.
+
+
+def _training_config(checkpoint: str) -> dict[str, Any] | None:
+    path = os.path.join(checkpoint, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def preprocessing_settings(checkpoint: str, **overrides: Any) -> dict[str, Any]:
+    """Resize, crop and sampling settings: `overrides` (not None), the workdir config, defaults."""
+    settings = dict(DEFAULTS)
+    data_cfg = (_training_config(checkpoint) or {}).get("data") or {}
+    settings.update({k: data_cfg[k] for k in DEFAULTS if data_cfg.get(k) is not None})
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings["resize"] = tuple(int(x) for x in settings["resize"])
+    return settings
+
+
+def read_class_names(path: str) -> list[str]:
+    """One class name per line (blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def find_class_names(checkpoint: str, meta: Mapping[str, Any]) -> list[str] | None:
+    """The class names a checkpoint records, or None.
+
+    Looked up in `model.json` (`class_names`: a list; `classnames`: a file), then in the data
+    config of a workdir's `config.json` through `aia_jax.data.class_names` (preset name files,
+    the synthetic dataset's names, a `classnames` file; skipped when the dataset is not here).
+    """
+    names = meta.get("class_names")
+    if isinstance(names, list) and names:
+        return [str(n) for n in names]
+    if isinstance(meta.get("classnames"), str) and os.path.isfile(meta["classnames"]):
+        return read_class_names(meta["classnames"])
+    data_cfg = (_training_config(checkpoint) or {}).get("data")
+    if not data_cfg:
+        return None
+    import ml_collections
+
+    from aia_jax import data
+
+    try:
+        names = data.class_names(ml_collections.ConfigDict(data_cfg))
+    except (data.DataError, OSError, KeyError, ValueError):
+        return None
+    return names if names != [str(i) for i in range(len(names))] else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the clip.
+
+
+def _natural_key(name: str) -> list[Any]:
+    """`img_2.jpg` before `img_10.jpg`: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def list_frames(folder: str) -> list[str]:
+    """The image files of a frame folder in natural sort order."""
+    files = [f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return [os.path.join(folder, f) for f in sorted(files, key=_natural_key)]
+
+
+def frame_indices(num_frames: int, num_segments: int, settings: Mapping[str, Any]) -> np.ndarray:
+    """`[T]` frame indices of the validation clip (segment centres for TSN sampling)."""
+    from aia_jax.data import sampling
+
+    return sampling.eval_indices(
+        num_frames,
+        sampling=settings["sampling"],
+        test_clips="single",
+        num_segments=num_segments,
+        clip_len=settings["clip_len"] or num_segments,
+        frame_interval=settings["frame_interval"],
+    )[0]
+
+
+def read_clip(path: str, num_segments: int, settings: Mapping[str, Any]) -> np.ndarray:
+    """uint8 `[1, T, S, S, 3]`: the sampled, resized, centre-cropped clip of a video or folder."""
+    from aia_jax.data import decode, transforms
+
+    pick = functools.partial(frame_indices, num_segments=num_segments, settings=settings)
+    if os.path.isdir(path):
+        files = list_frames(path)
+        indices = pick(len(files))
+        frames = {int(i): decode.read_image(files[int(i)]) for i in np.unique(indices)}
+        clip = decode.gather(indices, frames, path)
+    elif os.path.isfile(path):
+        clip = decode.read_video(path, pick)
+    else:
+        raise FileNotFoundError(f"{path}: no such video file or frame folder")
+    geometry = transforms.Geometry(
+        resize=tuple(settings["resize"]),
+        resize_short_side=int(settings["resize_short_side"]),
+        crop_size=int(settings["crop_size"]),
+        test_crops=1,
+    )
+    return transforms.eval_clips(clip[None], geometry)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction.
+
+
+def predict_clip(
+    model: Any, variables: Mapping[str, Any], clip: np.ndarray, dtype: Any = None
+) -> np.ndarray:
+    """float32 `[b, K]` logits of uint8 clips `[b, T, S, S, 3]`."""
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype or jnp.float32)
+    return np.asarray(_jitted_logits()(model, dtype.name, variables, clip), np.float32)
+
+
+@functools.cache
+def _jitted_logits():
+    """One jitted function for every call (models are hashable: compiled once per network)."""
+    import jax
+
+    from aia_jax import data
+
+    def logits(model, dtype, variables, clip):
+        return model.apply(variables, data.normalize(clip, dtype), train=False)
+
+    return jax.jit(logits, static_argnums=(0, 1))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def top_classes(
+    logits: np.ndarray, class_names: Sequence[str] | None, top: int = 5
+) -> list[dict[str, Any]]:
+    """The `top` classes of one video's logits `[K]`: index, name, probability, logit."""
+    probs = softmax(np.asarray(logits, np.float64))
+    order = np.argsort(-probs, kind="stable")[: min(top, len(probs))]
+    names = list(class_names or [])
+    return [
+        {
+            "class": int(k),
+            "name": names[k] if k < len(names) else str(int(k)),
+            "probability": float(probs[k]),
+            "logit": float(logits[k]),
+        }
+        for k in order
+    ]
+
+
+def predict(
+    checkpoint: str,
+    video: str,
+    *,
+    class_names: Sequence[str] | None = None,
+    top: int = 5,
+    resize: Sequence[int] | None = None,
+    crop_size: int | None = None,
+) -> dict[str, Any]:
+    """Top classes of one video file or frame folder under a model directory or workdir.
+
+    Returns:
+      `{'video', 'checkpoint', 'num_segments', 'settings', 'logits' [K], 'top': [...]}` with the
+      `top` entries as in `top_classes`.
+    """
+    from aia_jax import modelio
+
+    variables, meta = modelio.load_model(checkpoint)
+    model = modelio.create_model(meta)
+    settings = preprocessing_settings(checkpoint, resize=resize, crop_size=crop_size)
+    clip = read_clip(video, model.num_segments, settings)
+    logits = predict_clip(model, variables, clip)[0]
+    if class_names is None:
+        class_names = find_class_names(checkpoint, meta)
+    if class_names is not None and len(class_names) != model.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a {model.num_classes}-class model")
+    return {
+        "video": video,
+        "checkpoint": checkpoint,
+        "num_segments": model.num_segments,
+        "settings": settings,
+        "logits": logits,
+        "top": top_classes(logits, class_names, top),
+    }
+
+
+def format_prediction(result: Mapping[str, Any]) -> str:
+    s = result["settings"]
+    lines = [
+        f"{result['video']}: {result['num_segments']} frames (segment centres), "
+        f"centre crop {s['crop_size']}x{s['crop_size']}"
+    ]
+    width = max(len(t["name"]) for t in result["top"])
+    for rank, t in enumerate(result["top"], start=1):
+        name, prob = f"{t['name']:<{width}}", f"{t['probability']:.4f}"
+        lines.append(f"  {rank}. {name}  {prob}  (class {t['class']})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m aia_jax.predict",
+        description="Top-k classes of one video file or frame folder.",
+    )
+    parser.add_argument("video", help="video file (mp4, webm, …) or folder of frame images")
+    parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+    parser.add_argument("--classnames", default=None, help="file with one class name per line")
+    parser.add_argument("--top", type=int, default=5, help="how many classes to print")
+    parser.add_argument("--resize", default=None, help="H,W every frame is resized to first")
+    parser.add_argument("--crop-size", type=int, default=None, help="centre crop side")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    names = read_class_names(args.classnames) if args.classnames else None
+    resize = tuple(int(x) for x in args.resize.split(",")) if args.resize else None
+    result = predict(
+        args.checkpoint,
+        args.video,
+        class_names=names,
+        top=args.top,
+        resize=resize,
+        crop_size=args.crop_size,
+    )
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "logits"}, indent=2))
+    else:
+        print(format_prediction(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""End to end on small JPEG folders, video files and TFDS datasets; bad input of every kind."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import aia_jax.data as data
+from aia_jax.data import decode, testing
+from aia_jax.data.testing import frame_ids, video_ids
+
+
+def small_config(root, source="frames", **overrides):
+    c = data.get_config()
+    c.source = source
+    c.root = str(root)
+    c.media_dir = {"frames": "frames", "videos": "videos"}.get(source, "")
+    c.train_list = c.val_list = "train.txt"
+    c.filename_template = "img_{:05d}.jpg"
+    c.num_classes = 4
+    c.num_segments = 4
+    c.resize = (24, 32)
+    c.crop_size = 16
+    c.num_workers = 0
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def one_train_batch(c, batch=4):
+    it = data.make_train_iterator(
+        c, global_batch_size=batch, seed=0, process_index=0, process_count=1
+    )
+    return next(it)
+
+
+def all_eval(c, batch=4, split="val"):
+    batches = list(
+        data.make_eval_iterator(
+            c, split=split, global_batch_size=batch, process_index=0, process_count=1
+        )
+    )
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame folders.
+
+
+def test_frame_folders_train_and_eval(tmp_path):
+    testing.write_frame_folders(str(tmp_path), 6, [12, 12, 3, 12, 20, 12])
+    c = small_config(tmp_path)
+    batch = one_train_batch(c)
+    assert batch["video"].shape == (4, 4, 16, 16, 3) and batch["video"].dtype == np.uint8
+    assert batch["label"].dtype == np.int32
+    # Train frames lie one per segment (segments of 3 frames for a 12-frame video).
+    for clip in batch["video"]:
+        ids = frame_ids(clip)
+        assert np.all(np.diff(ids) >= 0)
+    out = all_eval(c, batch=4)
+    assert out["video"].shape == (8, 1, 4, 16, 16, 3)
+    assert out["valid"].tolist() == [True] * 6 + [False] * 2
+    assert out["index"].tolist()[:6] == list(range(6))
+    np.testing.assert_array_equal(out["label"][:6], [0, 1, 2, 3, 0, 1])
+    # Segment centres of 12 frames: 1, 4, 7, 10; the 3-frame video (≤ T) takes frame 0.
+    np.testing.assert_array_equal(frame_ids(out["video"][0, 0]), [1, 4, 7, 10])
+    np.testing.assert_array_equal(frame_ids(out["video"][2, 0]), [0, 0, 0, 0])
+    np.testing.assert_array_equal(frame_ids(out["video"][4, 0]), [2, 7, 12, 17])
+
+
+def test_frame_folders_test_protocols(tmp_path):
+    testing.write_frame_folders(str(tmp_path), 2, 12)
+    c = small_config(tmp_path, test_clips="twice", test_crops=3)
+    out = all_eval(c, batch=2)
+    assert out["video"].shape == (2, 6, 4, 24, 24, 3)  # 2 clips x 3 full-res crops of 24
+    np.testing.assert_array_equal(frame_ids(out["video"][0, 0]), [1, 4, 7, 10])  # centres
+    np.testing.assert_array_equal(frame_ids(out["video"][0, 3]), [0, 3, 6, 9])  # starts
+    c = small_config(tmp_path, test_clips="dense", test_crops=10)
+    assert all_eval(c, batch=2)["video"].shape == (2, 100, 4, 16, 16, 3)
+    assert data.eval_view_shape(c) == (100, 4, 16, 16, 3)
+    views = data.eval_views(c)
+    assert len(views) == 100 and views[1] == (0, 1, True) and views[10] == (1, 0, False)
+
+
+def test_presets_fill_unset_fields_and_class_names(tmp_path):
+    c = data.get_config()
+    c.source, c.preset = "frames", "something_v1"
+    r = data.resolve(c)
+    assert r.num_classes == 174 and r.filename_template == "{:05d}.jpg"
+    assert r.media_dir == "20bn-something-something-v1" and r.train_list == "train_videofolder.txt"
+    lut = data.config.flip_lookup(r)
+    assert (lut[86], lut[87], lut[93], lut[94], lut[166], lut[167]) == (87, 86, 94, 93, 167, 166)
+    assert data.class_names(c)[:2] == ["0", "1"]
+    c.preset = "something_v2"
+    assert data.resolve(c).filename_template == "{:06d}.jpg"
+    c.preset = "ucf101"
+    names = data.class_names(c)
+    assert len(names) == 101 and names[0] == "ApplyEyeMakeup" and names[-1] == "YoYo"
+    c.preset = "hmdb51_split3"
+    assert len(data.class_names(c)) == 51 and data.resolve(c).val_list.endswith("split_3.txt")
+    c.preset = "egtea_split2"
+    assert data.num_classes(c) == 106 and data.resolve(c).train_list == "train_split2.txt"
+    for preset, n in (("diving48", 48), ("kinetics400", 400)):
+        c.preset = preset
+        assert data.num_classes(c) == n
+    c.preset = "diving48"
+    c.num_classes = 0  # a user value wins; 0 means "take the preset's"
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("\n".join(f"dive {i}" for i in range(48)) + "\n")
+    c.classnames = str(names_file)
+    assert data.class_names(c)[47] == "dive 47"
+    names_file.write_text("a\nb\n")
+    with pytest.raises(data.DataError, match="2 class names for 48 classes"):
+        data.class_names(c)
+    c.preset = "nope"
+    with pytest.raises(data.DataError, match="unknown preset 'nope'"):
+        data.resolve(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input found at start: a one-line DataError naming the file and line.
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("vid000 12", "train.txt:2: expected 'relative/dir num_frames label', got 'vid000 12'"),
+        ("vid000 twelve 1", "train.txt:2: expected 'relative/dir num_frames label'"),
+        ("vid000 0 1", "train.txt:2: num_frames must be positive, got 0"),
+        ("vid000 12 4", r"train.txt:2: label 4 is outside \[0, 4\)"),
+        ("vid000 12 -1", r"train.txt:2: label -1 is outside \[0, 4\)"),
+        ("nowhere 12 1", "train.txt:2: frame folder .*nowhere not found"),
+    ],
+)
+def test_bad_frame_lists_fail_at_start(tmp_path, line, message):
+    testing.write_frame_folders(str(tmp_path), 1, 12)
+    with open(tmp_path / "train.txt", "a") as f:
+        f.write(line + "\n")
+    c = small_config(tmp_path)
+    with pytest.raises(data.DataError, match=message) as e:
+        data.make_train_iterator(c, global_batch_size=1, seed=0, process_index=0, process_count=1)
+    assert "\n" not in str(e.value)
+
+
+def test_empty_or_missing_list_and_missing_root(tmp_path):
+    (tmp_path / "train.txt").write_text("\n\n")
+    c = small_config(tmp_path)
+    with pytest.raises(data.DataError, match="train.txt: the list is empty"):
+        data.num_eval_examples(c)
+    c.val_list = "other.txt"
+    with pytest.raises(data.DataError, match="other.txt: list file not found"):
+        data.num_eval_examples(c)
+    c.root = str(tmp_path / "absent")
+    with pytest.raises(data.DataError, match="config.root .*absent: not a directory"):
+        data.num_eval_examples(c)
+    c = small_config(tmp_path, on_bad_sample="ignore")
+    with pytest.raises(data.DataError, match="config.on_bad_sample 'ignore'"):
+        data.resolve(c)
+
+
+def test_too_few_videos_for_the_batch(tmp_path):
+    testing.write_frame_folders(str(tmp_path), 3, 12)
+    with pytest.raises(
+        data.DataError, match="3 training videos are fewer than global_batch_size 4"
+    ):
+        one_train_batch(small_config(tmp_path), batch=4)
+    with pytest.raises(data.DataError, match="multiple of process_count 2"):
+        data.make_train_iterator(
+            small_config(tmp_path), global_batch_size=3, seed=0, process_index=0, process_count=2
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad samples mid-epoch: `raise` by default, or `skip` with a warning and a counter.
+
+
+def _break_frames(tmp_path):
+    testing.write_frame_folders(str(tmp_path), 8, 12)
+    for f in range(1, 13):  # missing frames (whatever is sampled)
+        os.remove(tmp_path / "frames" / "vid001" / f"img_{f:05d}.jpg")
+    for f in range(1, 13):  # undecodable frames
+        (tmp_path / "frames" / "vid002" / f"img_{f:05d}.jpg").write_bytes(b"not a jpeg")
+
+
+def test_bad_frames_raise_naming_list_line_and_file(tmp_path):
+    _break_frames(tmp_path)
+    c = small_config(tmp_path, val_list="train.txt")
+    with pytest.raises(
+        data.BadSampleError, match=r"train.txt:2 \(vid001\): missing frame .*img_00002.jpg"
+    ):
+        all_eval(c, batch=8)
+    c.val_list = "val.txt"
+    (tmp_path / "val.txt").write_text("vid002 12 2\n")
+    with pytest.raises(
+        data.BadSampleError, match=r"val.txt:1 \(vid002\): cannot decode .*img_00002.jpg"
+    ):
+        all_eval(c, batch=1)
+
+
+def test_bad_frames_skip_and_count(tmp_path):
+    _break_frames(tmp_path)
+    c = small_config(tmp_path, on_bad_sample="skip")
+    data.reset_bad_sample_count()
+    out = all_eval(c, batch=8)
+    assert data.bad_sample_count() == 2
+    assert out["valid"].tolist() == [True, False, False] + [True] * 5
+    assert out["index"].tolist() == list(range(8))  # the bad rows still say which video
+    assert any("img_00002.jpg" in m for m in data.bad_samples())
+    data.reset_bad_sample_count()
+    it = data.make_train_iterator(c, global_batch_size=2, seed=0, process_index=0, process_count=1)
+    for _ in range(9):  # 18 good videos: more than two epochs of 6, 2 bad videos in each
+        next(it)
+    assert data.bad_sample_count() >= 4
+    seen = set()  # videos 1 and 2 never appear
+    for _ in range(6):
+        seen |= set(video_ids(next(it)["video"]).ravel().tolist())
+    assert seen == {0, 3, 4, 5, 6, 7}
+
+
+# ---------------------------------------------------------------------------------------------
+# Video files.
+
+
+@pytest.mark.parametrize("ext", ["mp4", "webm", "avi"])
+def test_read_video_picks_exact_frames(tmp_path, ext):
+    import av
+
+    path = str(tmp_path / f"v.{ext}")
+    testing.write_video(path, 40, gop=8)
+    wanted = np.array([[0, 5, 39], [21, 21, 3]])
+    frames = decode.read_video(path, lambda n: wanted if n == 40 else None)
+    assert frames.shape == (2, 3, 24, 32, 3)
+    if ext != "avi":  # mpeg4 shifts flat colours by a few levels
+        np.testing.assert_array_equal(frame_ids(frames), wanted % 32)
+    with av.open(path) as container:  # the same pixels as decoding every frame in order
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    np.testing.assert_array_equal(frames, np.stack(every)[wanted])
+
+
+def test_read_video_seeks_instead_of_decoding_everything(tmp_path):
+    path = str(tmp_path / "long.mp4")
+    testing.write_video(path, 300, gop=10, size=(16, 16))
+    before = decode.decoded_frames
+    frames = decode.read_video(path, lambda n: np.array([290, 295]))
+    np.testing.assert_array_equal(frame_ids(frames), [290 % 32, 295 % 32])
+    assert decode.decoded_frames - before < 40  # from the keyframe at 290, not from 0
+
+
+def test_video_list_end_to_end(tmp_path):
+    testing.write_video_files(str(tmp_path), 5, [16, 16, 5, 16, 30])
+    c = small_config(tmp_path, "videos")
+    assert one_train_batch(c)["video"].shape == (4, 4, 16, 16, 3)
+    out = all_eval(c, batch=2)
+    assert out["valid"].tolist() == [True] * 5 + [False]
+    np.testing.assert_array_equal(frame_ids(out["video"][0, 0]), [2, 6, 10, 14])
+    np.testing.assert_array_equal(frame_ids(out["video"][4, 0]), [3, 11, 18, 26])
+
+
+def test_video_class_folders(tmp_path):
+    folder = testing.write_video_files(str(tmp_path), 6, 8, num_classes=3, class_folders=True)
+    c = small_config(tmp_path, "videos", num_classes=0, train_list=folder, val_list=folder)
+    assert data.num_classes(c) == 3
+    assert data.class_names(c) == ["class0", "class1", "class2"]
+    out = all_eval(c, batch=6)
+    assert sorted(out["label"].tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_bad_videos(tmp_path):
+    testing.write_video_files(str(tmp_path), 4, 10)
+    (tmp_path / "videos" / "v001.mp4").write_bytes(b"\x00" * 1000)
+    c = small_config(tmp_path, "videos")
+    with pytest.raises(data.BadSampleError, match=r"train.txt:2 \(v001.mp4\): cannot decode"):
+        all_eval(c)
+    c.on_bad_sample = "skip"
+    data.reset_bad_sample_count()
+    assert all_eval(c)["valid"].tolist() == [True, False, True, True]
+    assert data.bad_sample_count() == 1
+    with open(tmp_path / "train.txt", "a") as f:
+        f.write("v009.mp4 1\n")
+    with pytest.raises(data.DataError, match=r"train.txt:5: video .*v009.mp4 not found"):
+        all_eval(c)
+    (tmp_path / "train.txt").write_text("v000.mp4\n")
+    with pytest.raises(data.DataError, match=r"train.txt:1: expected 'relative/file label'"):
+        all_eval(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS.
+
+
+def test_tfds_end_to_end_without_tensorflow(tmp_path):
+    testing.write_tfds(str(tmp_path), "tiny_clips", {"train": 6, "test": 3}, num_frames=12)
+    c = small_config(
+        tmp_path, "tfds", tfds_name="tiny_clips", data_dir=str(tmp_path), num_classes=0
+    )
+    c.val_split = "test"
+    assert data.num_classes(c) == 4 and data.class_names(c) == ["0", "1", "2", "3"]
+    assert one_train_batch(c)["video"].shape == (4, 4, 16, 16, 3)
+    out = all_eval(c, batch=2)
+    assert out["valid"].tolist() == [True] * 3 + [False]
+    for row in range(3):  # centre frames of 12 in 4 segments
+        np.testing.assert_array_equal(frame_ids(out["video"][row, 0]), [1, 4, 7, 10])
+    assert "tensorflow" not in sys.modules
+    c.val_split = "nosuch"
+    with pytest.raises(data.DataError, match="tiny_clips"):
+        all_eval(c)
+
+
+def test_tfds_video_feature_read_raw_without_tensorflow(tmp_path):
+    testing.write_raw_video_tfds(str(tmp_path), "raw_clips", "train", 5, corrupt=[3])
+    c = small_config(tmp_path, "tfds", tfds_name="raw_clips", data_dir=str(tmp_path), num_classes=0)
+    c.val_split = "train"
+    assert data.num_classes(c) == 4
+    with pytest.raises(data.BadSampleError, match=r"raw_clips\[train\] example 3: cannot decode"):
+        all_eval(c, batch=5)
+    c.on_bad_sample = "skip"
+    out = all_eval(c, batch=5)
+    assert out["valid"].tolist() == [True, True, True, False, True]
+    np.testing.assert_array_equal(frame_ids(out["video"][0, 0]), [1, 4, 7, 10])
+    assert "tensorflow" not in sys.modules

@@ -1,0 +1,107 @@
+"""Serving: predict on one video file or frame folder, and the jax.export round trip."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from aia_jax import data, export, modelio, predict
+from aia_jax.data import testing
+from tests.test_eval_evaluate import CLASSES, S, T, make_model_dir
+
+NAMES = ["waving", "jumping", "running", "sitting"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("serving") / "model", seed=2, class_names=NAMES)
+
+
+@functools.cache
+def _reference_fn(checkpoint):
+    variables, meta = modelio.load_model(checkpoint)
+    model = modelio.create_model(meta)
+    fn = jax.jit(lambda x: model.apply(variables, data.normalize(x, jnp.float32), train=False))
+    return fn
+
+
+def reference_logits(checkpoint, clips):
+    """The Flax model's logits for uint8 clips (one compile per checkpoint and shape)."""
+    return np.asarray(_reference_fn(checkpoint)(clips))
+
+
+def test_predict_video_file_and_frame_folder(model_dir, tmp_path, capsys):
+    video = str(tmp_path / "clip.mp4")
+    testing.write_video(video, num_frames=16, video=3, size=(36, 44))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for f in range(16):  # names sort naturally, not as strings: 2 before 10
+        Image.fromarray(testing.frame_pixels(3, f, (36, 44))).save(frames / f"frame_{f + 1}.png")
+
+    # The clip: segment centres of 16 frames in 4 segments, centre crop.
+    clip = predict.read_clip(
+        str(frames), T, predict.preprocessing_settings(model_dir, resize=(36, 44), crop_size=S)
+    )
+    assert clip.shape == (1, T, S, S, 3)
+    np.testing.assert_array_equal(testing.frame_ids(clip[0]), [2, 6, 10, 14])
+
+    argv = ["--checkpoint", model_dir, "--resize", "36,44", "--crop-size", str(S), "--top", "3"]
+    predict.main([*argv, video])
+    printed_video = capsys.readouterr().out
+    predict.main([*argv, str(frames)])
+    printed_frames = capsys.readouterr().out
+    for printed in (printed_video, printed_frames):
+        lines = printed.strip().splitlines()
+        assert "4 frames (segment centres), centre crop 32x32" in lines[0]
+        assert len(lines) == 4 and lines[1].lstrip().startswith("1. ")
+        assert all(any(name in line for name in NAMES) for line in lines[1:])
+
+    result = predict.predict(model_dir, str(frames), resize=(36, 44), crop_size=S, top=5)
+    expected = reference_logits(model_dir, clip)[0]
+    np.testing.assert_allclose(result["logits"], expected, rtol=1e-5, atol=1e-5)
+    assert len(result["top"]) == CLASSES  # capped at the number of classes
+    assert result["top"][0]["name"] == NAMES[int(np.argmax(expected))]
+    probs = [t["probability"] for t in result["top"]]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0)
+
+    # A class-name file wins over the names recorded in the model directory.
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("a\nb\nc\nd\n")
+    predict.main([*argv, "--classnames", str(names_file), "--json", str(frames)])
+    top = json.loads(capsys.readouterr().out)["top"]
+    assert top[0]["name"] in "abcd"
+
+
+def test_export_round_trip(model_dir, tmp_path, capsys):
+    path = str(tmp_path / "model.jaxexport")
+    export.main(["--checkpoint", model_dir, "--output", path, "--crop-size", str(S)])
+    assert "model.jaxexport" in capsys.readouterr().out
+    loaded = export.load_exported(path)
+    assert loaded.sidecar["input"]["shape"] == ["b", T, S, S, 3]
+    assert loaded.sidecar["input"]["dtype"] == "uint8"
+    assert loaded.class_names == NAMES
+    clips = np.random.default_rng(0).integers(0, 256, (3, T, S, S, 3), dtype=np.uint8)
+    expected = reference_logits(model_dir, clips)
+    for batch in (1, 3):  # one artefact, two batch sizes
+        logits = loaded(clips[:batch])
+        assert logits.shape == (batch, CLASSES) and logits.dtype == np.float32
+        np.testing.assert_allclose(logits, expected[:batch], rtol=1e-5, atol=1e-5)
+
+
+def test_export_float_input(model_dir):
+    variables, meta = modelio.load_model(model_dir)
+    model = modelio.create_model(meta)
+    exported = export.export_model(model, variables, crop_size=S, input_dtype="float32")
+    clips = np.random.default_rng(0).integers(0, 256, (3, T, S, S, 3), dtype=np.uint8)
+    normalised = np.asarray(data.normalize(clips, jnp.float32))
+    restored = jax.export.deserialize(exported.serialize())
+    np.testing.assert_allclose(
+        np.asarray(restored.call(normalised)),
+        reference_logits(model_dir, clips),
+        rtol=1e-5,
+        atol=1e-5,
+    )
