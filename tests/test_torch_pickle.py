@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import collections
+import io
 import pickle
+import pickletools
+import subprocess
+import sys
+import tarfile
+import textwrap
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -13,7 +19,10 @@ import numpy as np
 import pytest
 import torch
 
+from aia_jax import convert
 from aia_jax.convert.torch_pickle import CheckpointError, load, load_torch_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
 
 NUMPY_OF = {
     torch.float32: np.float32,
@@ -131,7 +140,9 @@ def test_nested_containers(tmp_path: Path) -> None:
     _assert_same(expected, got)
 
 
-def _release_checkpoint(path: Path) -> collections.OrderedDict[str, torch.Tensor]:
+def _release_checkpoint(
+    path: Path, *, legacy: bool = False
+) -> collections.OrderedDict[str, torch.Tensor]:
     from tests import torch_reference as R
 
     net = R.randomize_(R.build("TSM_CinST_BN", 5, num_segments=2, depth=14, width=8), seed=4)
@@ -149,6 +160,7 @@ def _release_checkpoint(path: Path) -> collections.OrderedDict[str, torch.Tensor
             "best_prec1": 41.25,
         },
         path,
+        _use_new_zipfile_serialization=not legacy,
     )
     return state_dict
 
@@ -305,10 +317,18 @@ def test_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="data.pkl"):
         load(no_pickle)
 
-    legacy = tmp_path / "legacy.pth"
-    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match="legacy"):
-        load(legacy)
+    plain = tmp_path / "plain.pkl"  # a pickle, but not torch.save's
+    plain.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=2))
+    with pytest.raises(CheckpointError, match="magic number"):
+        load(plain)
+
+    tar = tmp_path / "old.tar"  # the earliest torch.save format was a tar archive
+    with tarfile.open(tar, "w") as tf:
+        info = tarfile.TarInfo("pickle")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(CheckpointError, match="tar"):
+        load(tar)
 
     with pytest.raises(CheckpointError, match="directory"):
         load(tmp_path)
@@ -322,3 +342,291 @@ def test_non_tensor_state_dict_entry(tmp_path: Path) -> None:
     torch.save([torch.ones(1)], path)
     with pytest.raises(CheckpointError, match="not a state dict"):
         load_torch_checkpoint(path)
+
+
+# ---------------------------------------------------------------- legacy (pre-1.6) format
+
+
+def _save_legacy(obj: Any, path: Path, **kwargs: Any) -> Path:
+    torch.save(obj, path, _use_new_zipfile_serialization=False, **kwargs)
+    assert not zipfile.is_zipfile(path)
+    return path
+
+
+def _legacy_roundtrip(obj: Any, path: Path, **kwargs: Any) -> tuple[Any, Any]:
+    _save_legacy(obj, path, **kwargs)
+    # torch's weights-only unpickler knows protocol 2 only; these files are the test's own.
+    weights_only = kwargs.get("pickle_protocol", 2) == 2
+    return torch.load(path, weights_only=weights_only), load(path)
+
+
+def _legacy_layout(path: Path) -> tuple[int, int, int, list[str]]:
+    """Where a legacy file's header, object pickle and key list end; the storage keys.
+
+    Parsed with ``pickletools.genops``, which builds no objects, and plain ``pickle`` for the
+    header and key list, which hold only numbers, strings and dicts.
+    """
+    f = io.BytesIO(path.read_bytes())
+    for _ in range(3):  # magic number, format version, system info
+        pickle.load(f)
+    header_end = f.tell()
+    for _ in pickletools.genops(f):  # stops after the object pickle's STOP
+        pass
+    pickle_end = f.tell()
+    keys = pickle.load(f)
+    return header_end, pickle_end, f.tell(), keys
+
+
+@pytest.mark.parametrize("protocol", [1, 2, 5])
+def test_legacy_dtypes(tmp_path: Path, protocol: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, generator=g)
+    obj = {
+        "f32": x,
+        "f64": x.double(),
+        "f16": x.half(),
+        "bf16": x.bfloat16(),
+        "i8": (x * 50).to(torch.int8),
+        "i16": (x * 1000).to(torch.int16),
+        "i32": (x * 1e6).to(torch.int32),
+        "i64": torch.tensor([-(2**62), 0, 2**62 + 7]),
+        "u8": torch.arange(250, 256, dtype=torch.uint8),
+        "bool": x > 0,
+        "c64": torch.complex(x, -x),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "nan": torch.tensor([float("nan"), float("inf"), -0.0]),
+        "param": torch.nn.Parameter(torch.ones(2, 2)),
+    }
+    path = tmp_path / f"dtypes-{protocol}.pth"
+    expected, got = _legacy_roundtrip(obj, path, pickle_protocol=protocol)
+    _assert_same(expected, got)
+    assert got["bf16"].dtype == ml_dtypes.bfloat16 and got["empty"].shape == (0, 4)
+    assert len(_legacy_layout(path)[3]) == len(obj)
+
+
+def test_legacy_shared_storage_and_views(tmp_path: Path) -> None:
+    base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
+    other = torch.arange(12, dtype=torch.int64)
+    obj = {
+        "base": base,
+        "t": base.t(),
+        "slice": base[2:5, 3:9],
+        "step": base[1::2, ::3],
+        "flat_offset": base.view(-1)[17:41],
+        "col": base[:, 7],
+        "expand": base[0, :3].unsqueeze(0).expand(4, 3),  # stride 0
+        "permuted": base.view(2, 3, 10).permute(2, 0, 1),
+        "same_again": base,
+        "other": [other[5:], other.view(3, 4)[:, 1], other],
+    }
+    path = tmp_path / "views.pth"
+    expected, got = _legacy_roundtrip(obj, path)
+    _assert_same(expected, got)
+    assert len(_legacy_layout(path)[3]) == 2  # two storages, each written once
+
+
+def test_legacy_torchvision_state_dict(tmp_path: Path) -> None:
+    from tests import torch_reference as R
+
+    tv = R.randomize_(R.TorchvisionResNet(14, width=8), seed=3)
+    state_dict = tv.state_dict()  # an OrderedDict with a _metadata attribute, as torchvision's
+    path = _save_legacy(state_dict, tmp_path / "resnet14-legacy.pth")
+    _assert_same(torch.load(path, weights_only=True), load(path))
+    for loaded in (load_torch_checkpoint(path), convert.load_torch_checkpoint(path)):
+        assert list(loaded) == list(state_dict)
+        for k, v in state_dict.items():
+            _assert_same(v, loaded[k], k)
+    assert convert.describe_torchvision(load_torch_checkpoint(path))["width"] == 8
+
+    nested = {"model": {"backbone": state_dict, "names": ["conv1", "fc"]}, "step": (3, 4.5)}
+    expected, got = _legacy_roundtrip(nested, tmp_path / "nested.pth")
+    _assert_same(expected, got)
+
+
+def test_legacy_release_wrapper(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pth.tar"
+    state_dict = _release_checkpoint(path, legacy=True)
+    assert not zipfile.is_zipfile(path)
+    _assert_same(torch.load(path, weights_only=True), load(path))  # optimizer state included
+    got, info = convert.read_checkpoint(path)
+    assert info == {"epoch": 12, "arch": "resnet14", "best_prec1": 41.25}
+    assert list(got) == [k.removeprefix("module.") for k in state_dict]
+    for k, v in state_dict.items():
+        _assert_same(v, got[k.removeprefix("module.")], k)
+
+
+class _StorageRef:
+    """Pickled as the persistent id ``pid`` by :func:`_write_legacy`."""
+
+    def __init__(self, pid: tuple[Any, ...]) -> None:
+        self.pid = pid
+
+
+class _OldTensor:
+    """Pickled as PyTorch < 0.4 did: ``torch._utils._rebuild_tensor(storage, offset, ...)``."""
+
+    def __init__(self, storage: _StorageRef, offset: int, size: tuple, stride: tuple) -> None:
+        self.args = (storage, offset, size, stride)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (torch._utils._rebuild_tensor, self.args)
+
+
+def _write_legacy(path: Path, obj: Any, storages: dict[str, tuple[int, bytes]]) -> Path:
+    """A legacy file by hand: ``storages`` maps key -> (element count, raw bytes)."""
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o: Any) -> Any:
+            return o.pid if isinstance(o, _StorageRef) else None
+
+    sys_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"long": 8}}
+    with open(path, "wb") as f:
+        for header in (0x1950A86A20F9469CFC6C, 1001, sys_info):
+            pickle.dump(header, f, protocol=2)
+        Pickler(f, protocol=2).dump(obj)
+        pickle.dump(list(storages), f, protocol=2)
+        for count, raw in storages.values():
+            f.write(count.to_bytes(8, "little", signed=True) + raw)
+    return path
+
+
+def test_legacy_storage_views_of_old_files(tmp_path: Path) -> None:
+    # PyTorch < 0.4 saved storage views: ('storage', type, root, location, root numel,
+    # (view key, view offset, view numel)); the data section holds only the root.
+    def ref(view: Any = None, numel: int = 10) -> _StorageRef:
+        return _StorageRef(("storage", torch.FloatStorage, "root", "cpu", numel, view))
+
+    root = (10, np.arange(10, dtype="<f4").tobytes())
+    obj = {
+        "whole": _OldTensor(ref(), 0, (2, 5), (5, 1)),
+        "in_view": _OldTensor(ref(("v", 2, 5)), 1, (3,), (1,)),
+        "view_2d": _OldTensor(ref(("w", 4, 6)), 0, (3, 2), (1, 3)),
+    }
+    path = _write_legacy(tmp_path / "views.pth", obj, {"root": root})
+    expected = torch.load(path, weights_only=True)
+    got = load(path)
+    _assert_same(expected, got)
+    np.testing.assert_array_equal(got["in_view"], [3, 4, 5])
+
+    bad = {"x": _OldTensor(ref(("v", 8, 5)), 0, (1,), (1,))}
+    with pytest.raises(CheckpointError, match="view .* exceeds"):
+        load(_write_legacy(tmp_path / "bad_view.pth", bad, {"root": root}))
+    bad = {"x": _OldTensor(ref(("v", 2, 5)), 3, (3,), (1,))}
+    with pytest.raises(CheckpointError, match="exceeds its storage of 5 elements"):
+        load(_write_legacy(tmp_path / "bad_tensor.pth", bad, {"root": root}))
+    with pytest.raises(CheckpointError, match="holds 9 elements, 10 expected"):
+        load(_write_legacy(tmp_path / "count.pth", obj, {"root": (9, root[1])}))
+    with pytest.raises(CheckpointError, match="listed but"):
+        load(_write_legacy(tmp_path / "extra.pth", obj, {"root": root, "zzz": (1, b"\0" * 4)}))
+    with pytest.raises(CheckpointError, match="'root' is missing"):
+        load(_write_legacy(tmp_path / "none.pth", obj, {}))
+    with pytest.raises(CheckpointError, match="persistent id"):
+        load(_write_legacy(tmp_path / "pid.pth", {"x": _StorageRef(("module", 1))}, {}))
+
+
+def test_legacy_truncated(tmp_path: Path) -> None:
+    good = _save_legacy({"w": torch.randn(64, 64), "v": torch.arange(8)}, tmp_path / "good.pth")
+    data = good.read_bytes()
+    header_end, pickle_end, keys_end, _ = _legacy_layout(good)
+    cuts = {
+        "in_header": 12,
+        "after_header": header_end,
+        "in_pickle": (header_end + pickle_end) // 2,
+        "after_pickle": pickle_end,
+        "in_keys": keys_end - 3,
+        "in_count": keys_end + 4,
+        "in_data": (keys_end + len(data)) // 2,
+        "last_byte": len(data) - 1,
+    }
+    for what, cut in cuts.items():
+        truncated = tmp_path / f"truncated_{what}.pth"
+        truncated.write_bytes(data[:cut])
+        for reader in (load, convert.load_torch_checkpoint):
+            with pytest.raises(CheckpointError, match="truncated") as err:
+                reader(truncated)
+            message = str(err.value)
+            assert message.startswith(f"{truncated}: ") and "\n" not in message, what
+
+
+def test_legacy_malicious_pickle_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / MARKER_NAME
+    path = _save_legacy(
+        {"state_dict": {"w": torch.ones(1)}, "payload": _Evil(marker)}, tmp_path / "evil.pth"
+    )
+    with pytest.raises(CheckpointError, match=r"refusing .*_make_marker") as err:
+        load(path)
+    assert str(path) in str(err.value)
+    for reader in (load_torch_checkpoint, convert.load_torch_checkpoint):
+        with pytest.raises(CheckpointError, match="refusing"):
+            reader(path)
+    assert not marker.exists()
+
+    # A payload in each pickle of the sequence: header, object, key list.
+    magic = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+    version = pickle.dumps(1001, protocol=2)
+    info = pickle.dumps({"little_endian": True}, protocol=2)
+    evil = pickle.dumps(_EvilSystem(marker), protocol=2)
+    good_obj = pickle.dumps({"a": 1}, protocol=2)
+    keys = pickle.dumps([], protocol=2)
+    for name, parts in {
+        "first": [evil],
+        "sys_info": [magic, version, evil],
+        "object": [magic, version, info, evil, keys],
+        "keys": [magic, version, info, good_obj, evil],
+    }.items():
+        crafted = tmp_path / f"evil_{name}.pth"
+        crafted.write_bytes(b"".join(parts))
+        with pytest.raises(CheckpointError, match=r"refusing .*system"):
+            convert.load_torch_checkpoint(crafted)
+    assert not marker.exists()
+
+
+def test_legacy_reads_without_torch(tmp_path: Path) -> None:
+    from tests import torch_reference as R
+
+    tv = R.randomize_(R.TorchvisionResNet(14, width=8), seed=5)
+    weights = _save_legacy(tv.state_dict(), tmp_path / "resnet14-legacy.pth")
+    ckpt = tmp_path / "ckpt.pth.tar"
+    release_state = _release_checkpoint(ckpt, legacy=True)
+    model = tmp_path / "model"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # any import of torch now fails
+        import numpy as np
+        from aia_jax import convert
+        state = convert.load_torch_checkpoint({str(weights)!r})
+        np.savez({str(tmp_path / "tv.npz")!r}, **state)
+        release, info = convert.read_checkpoint({str(ckpt)!r})
+        np.savez({str(tmp_path / "release.npz")!r}, **release)
+        # The user's command: python -m aia_jax.convert imagenet --weights resnet50-19c8e357.pth
+        from aia_jax.convert.__main__ import main
+        code = main(["imagenet", "--weights", {str(weights)!r}, "--name", "TSM",
+                     "--num-classes", "5", "--num-segments", "2", "--output", {str(model)!r}])
+        assert code == 0 and sys.modules["torch"] is None
+        print("ok", len(state), len(release), info["epoch"])
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    sd = tv.state_dict()
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"wrote {model}: ")
+    assert lines[-1].split() == ["ok", str(len(sd)), str(len(release_state)), "12"]
+    with np.load(tmp_path / "tv.npz") as got:
+        assert list(got) == list(sd)
+        for k, v in sd.items():
+            _assert_same(v, got[k], k)
+    with np.load(tmp_path / "release.npz") as got:
+        for k, v in release_state.items():
+            _assert_same(v, got[k.removeprefix("module.")], k)
+
+    from aia_jax import modelio
+
+    variables, meta = modelio.load_model(str(model))
+    assert (meta["name"], meta["depth"], meta["width"]) == ("TSM", 14, 8)
+    conv1 = variables["params"]["base_model"]["conv1"]["kernel"]  # HWIO of torch's OIHW
+    np.testing.assert_array_equal(conv1, sd["conv1.weight"].numpy().transpose(2, 3, 1, 0))

@@ -6,15 +6,14 @@
 - The command line `python -m aia_jax.convert {torch2flax,flax2torch,imagenet}` (see `--help`)
   writes and reads *model directories* (`aia_jax.modelio`).
 
-Nothing here imports torch at import time; torch is used only to write `.pth` files and to read
-pre-1.6 (non-zip) `.pth` files, both when it is installed.
+Nothing here imports torch at import time; torch is used only to write `.pth` files, when it is
+installed (reading needs no torch).
 """
 
 from __future__ import annotations
 
 import numbers
 import os
-import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -56,10 +55,9 @@ WRAPPER_INFO = ("epoch", "arch", "best_prec1")
 def load_torch_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The state dict of a checkpoint file as numpy arrays, `module.` prefixes stripped.
 
-    Reads `torch.save` files (PyTorch >= 1.6 zip format) without torch and without running
-    pickled code, the release's `{'epoch', 'arch', 'state_dict', …}` wrapper unwrapped;
-    `.safetensors` files; and older (non-zip) `.pth` files through `torch.load(weights_only=True)`
-    when torch is installed.
+    Reads `torch.save` files (the zip format of PyTorch >= 1.6 and the older legacy format)
+    without torch and without running pickled code, the release's `{'epoch', 'arch',
+    'state_dict', …}` wrapper unwrapped; and `.safetensors` files.
 
     Raises:
       CheckpointError: missing, truncated or damaged file, or not a checkpoint.
@@ -83,10 +81,7 @@ def read_checkpoint(
             if key in metadata:
                 info[key] = _from_metadata(metadata[key])
         return _state_dict(path, obj), info
-    try:
-        obj = _load_pickle(path)
-    except CheckpointError as error:
-        obj = _load_legacy(path, error)
+    obj = _load_pickle(path)
     if isinstance(obj, Mapping) and "state_dict" in obj:
         for key in WRAPPER_INFO:
             value = _plain(obj.get(key))
@@ -194,43 +189,3 @@ def _from_metadata(text: str) -> Any:
         return _plain(json.loads(text))
     except ValueError:
         return text
-
-
-def _load_legacy(path: str | os.PathLike[str], error: CheckpointError) -> Any:
-    """Reads a pre-1.6 (non-zip) `torch.save` file with torch, if installed; else re-raises."""
-    name = os.fspath(path)
-    try:
-        with open(name, "rb") as f:
-            legacy = f.read(1) == b"\x80" and not zipfile.is_zipfile(name)
-    except OSError:
-        legacy = False
-    if not legacy:
-        raise error
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"{name}: a legacy (PyTorch < 1.6, not zip) checkpoint; install torch to read it, "
-            "or re-save it with torch.save in PyTorch >= 1.6"
-        ) from None
-    try:
-        obj = torch.load(name, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - whatever torch says, the file is unreadable here
-        detail = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(
-            f"{name}: not a readable legacy checkpoint ({type(e).__name__}: {detail:.200})"
-        ) from None
-    return _torch_to_numpy(obj, torch)
-
-
-def _torch_to_numpy(obj: Any, torch: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        tensor = obj.detach().cpu()
-        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; widen losslessly
-            tensor = tensor.float()
-        return tensor.numpy()
-    if isinstance(obj, Mapping):
-        return OrderedDict((k, _torch_to_numpy(v, torch)) for k, v in obj.items())
-    if isinstance(obj, list | tuple):
-        return type(obj)(_torch_to_numpy(v, torch) for v in obj)
-    return obj

@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
             """\
             Convert a checkpoint of the authors' PyTorch release into a model directory.
 
-            The file is read without torch and without running pickled code (torch.save zip
-            files of PyTorch >= 1.6; the release's {'epoch', 'arch', 'state_dict', ...} wrapper
-            and DataParallel's 'module.' prefix are handled; .safetensors works too). Every
+            The file is read without torch and without running pickled code (torch.save files,
+            zip or legacy pre-1.6 format; the release's {'epoch', 'arch', 'state_dict', ...}
+            wrapper and DataParallel's 'module.' prefix are handled; .safetensors works too). Every
             tensor must be used and every variable filled: otherwise the command names the
             missing, unexpected and wrong-shape keys, and which of depth, classes, classifier
             or attention placement disagrees with the checkpoint.
@@ -155,11 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
             7x7 -> 5x7x7, inflated blocks' conv1 1x1 -> 3x1x1, repeated over time and divided
             by the temporal size).
 
-            Depth and width are read from the weights; they must match the network. Files
-            saved before PyTorch 1.6 are not zip archives (torchvision's 2017 downloads such as
-            resnet50-19c8e357.pth among them): they are read through torch.load(weights_only=
-            True), so torch must be installed for them; zip-format files and .safetensors are
-            read without torch.
+            Depth and width are read from the weights; they must match the network. Both
+            torch.save formats (zip, and the legacy one of PyTorch < 1.6 that torchvision's 2017
+            downloads such as resnet50-19c8e357.pth use) and .safetensors are read without
+            torch.
             """
         ),
         epilog=(

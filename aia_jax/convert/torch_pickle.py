@@ -1,9 +1,19 @@
-"""Read PyTorch checkpoints (``torch.save`` zip format, PyTorch >= 1.6) without importing torch.
+"""Read PyTorch checkpoints (``torch.save`` files) without importing torch.
 
-A ``.pth`` file is a zip archive holding ``<folder>/data.pkl`` (a pickle of the saved object), one
-record ``<folder>/data/<key>`` per tensor storage (raw bytes) and ``<folder>/byteorder``. The
-pickle refers to storages through ``persistent_load`` and rebuilds tensors by calling
-``torch._utils._rebuild_tensor_v2``; here both are replaced by numpy equivalents.
+Two formats are read:
+
+- the zip format (PyTorch >= 1.6): a zip archive holding ``<folder>/data.pkl`` (a pickle of the
+  saved object), one record ``<folder>/data/<key>`` per tensor storage (raw bytes) and
+  ``<folder>/byteorder``;
+- the legacy format (PyTorch < 1.6, or ``_use_new_zipfile_serialization=False``; e.g.
+  torchvision's 2017 ``resnet50-19c8e357.pth``): a sequence of pickles (magic number, protocol
+  version, system info, the saved object, the list of storage keys) followed by each storage
+  as an 8-byte little-endian element count and its raw little-endian bytes.
+
+Both pickles refer to storages through ``persistent_load`` and rebuild tensors by calling
+``torch._utils._rebuild_tensor_v2`` (or its predecessors); here both are replaced by numpy
+equivalents. (The tar format of the earliest PyTorch releases is not read;
+``torch.load(weights_only=True)`` refuses it too.)
 
 Unpickling runs code named by the file, so the unpickler only resolves an allow-list of globals
 (the tensor rebuild functions, the storage and dtype names, ``OrderedDict`` and a few builtins
@@ -251,6 +261,8 @@ def _torch_size(dims: Any = ()) -> tuple[int, ...]:
 
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
+    # PyTorch < 0.4 pickled tensors as _rebuild_tensor(storage, offset, size, stride).
+    ("torch._utils", "_rebuild_tensor"): _Callable(_rebuild_tensor),
     ("torch._utils", "_rebuild_tensor_v2"): _Callable(_rebuild_tensor_v2),
     ("torch._utils", "_rebuild_tensor_v3"): _Callable(_rebuild_tensor_v3),
     ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter),
@@ -270,16 +282,57 @@ for _name, _dt in _DTYPES.items():
     _ALLOWED[("torch", _name)] = _TorchDtype(_name, _dt)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only allow-listed globals and reads storages from the archive."""
+class _Pending:
+    """A tensor in the legacy reader's first pass, which only collects the storage references."""
 
-    def __init__(self, data: bytes, read_storage: Callable[[str, _StorageType, int], _Storage]):
-        super().__init__(io.BytesIO(data))
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+
+def _pending(*args: Any) -> _Pending:
+    del args
+    return _Pending()
+
+
+# The legacy format stores the tensor bytes after the pickle, so that pickle is read twice: first
+# to learn each storage's dtype (hence where the next one starts), with the functions that take or
+# return tensors replaced by a placeholder; then for real. Same globals, same refusals.
+_FIRST_PASS: dict[tuple[str, str], Any] = dict(_ALLOWED)
+for _key in _ALLOWED:
+    if _key[0] == "torch._utils":
+        _FIRST_PASS[_key] = _Callable(_pending)
+
+# (key, storage type, numel, view) -> storage; view is None or (view key, offset, numel).
+_StorageReader = Callable[[str, _StorageType, int, Any], Any]
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only allow-listed globals and reads storages through a callback.
+
+    ``pid_len`` is the length of a storage's persistent id: 5 in the zip format,
+    ``('storage', type, key, location, numel)``; 6 in the legacy format, which appends the view
+    (None, or ``(view key, offset, numel)``); 0 refuses every persistent id.
+    """
+
+    def __init__(
+        self,
+        file: io.BytesIO,
+        read_storage: _StorageReader | None,
+        *,
+        pid_len: int = 5,
+        allowed: dict[tuple[str, str], Any] = _ALLOWED,
+    ) -> None:
+        # Python 2 pickles (old legacy files) spell text as byte strings; torch.load decodes UTF-8.
+        super().__init__(file, encoding="utf-8")
         self._read_storage = read_storage
+        self._pid_len = pid_len
+        self._allowed = allowed
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _ALLOWED[(module, name)]
+            return self._allowed[(module, name)]
         except KeyError:
             raise _Refused(
                 f"refusing to load global '{module}.{name}': only tensors and plain containers "
@@ -287,25 +340,46 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        if not (
+            self._read_storage is not None
+            and isinstance(pid, tuple)
+            and len(pid) == self._pid_len
+            and pid[0] == "storage"
+        ):
             raise _Refused(f"unsupported persistent id {pid!r:.80}")
-        _, storage_type, key, _location, numel = pid
+        storage_type, key, _location, numel = pid[1:5]
+        view = pid[5] if len(pid) > 5 else None
         if not isinstance(storage_type, _StorageType):
             raise _Refused(f"persistent id names {storage_type!r:.80}, not a storage type")
         if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
             raise _Refused(f"invalid storage record reference {pid!r:.80}")
-        return self._read_storage(key, storage_type, numel)
+        if view is not None and not (
+            isinstance(view, tuple)
+            and len(view) == 3
+            and isinstance(view[0], str)
+            and all(isinstance(v, int) and v >= 0 for v in view[1:])
+        ):
+            raise _Refused(f"invalid storage view {view!r:.80}")
+        return self._read_storage(key, storage_type, numel, view)
 
 
 def _fail(path: str | os.PathLike[str], what: str) -> CheckpointError:
     return CheckpointError(f"{os.fspath(path)}: {what}")
 
 
+# torch.save's legacy format starts with this number pickled (protocol 2 unless the caller
+# chose another; protocols 0 and 1 spell it as text).
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+_LEGACY_TEXT_MAGIC = b"L%dL\n." % _LEGACY_MAGIC
+
+
 def load(path: str | os.PathLike[str]) -> Any:
-    """Unpickles a ``torch.save`` zip checkpoint with every tensor as a numpy array.
+    """Unpickles a ``torch.save`` checkpoint with every tensor as a numpy array.
 
     Args:
-      path: file written by ``torch.save`` (PyTorch >= 1.6 zip format).
+      path: file written by ``torch.save``, in the zip format (PyTorch >= 1.6) or the legacy
+        one (PyTorch < 1.6, or ``_use_new_zipfile_serialization=False``).
 
     Returns:
       The saved object: dicts, lists, tuples, numbers and strings as saved, tensors and
@@ -313,7 +387,7 @@ def load(path: str | os.PathLike[str]) -> Any:
       ml_dtypes), ``torch.<dtype>`` objects as opaque stand-ins.
 
     Raises:
-      CheckpointError: the file is missing, is not a zip checkpoint, is truncated or damaged, or
+      CheckpointError: the file is missing, is not a checkpoint, is truncated or damaged, or
         its pickle names a global outside the allow-list.
     """
     if not os.path.exists(path):
@@ -321,35 +395,55 @@ def load(path: str | os.PathLike[str]) -> Any:
     if os.path.isdir(path):
         raise _fail(path, "is a directory, not a checkpoint file")
     try:
+        with open(path, "rb") as f:
+            # A zip archive starts with 'PK'; only a pickle starts with PROTO (0x80).
+            legacy = _is_legacy(f.read(len(_LEGACY_TEXT_MAGIC)))
+            if legacy:
+                f.seek(0)
+                data = f.read()
+    except OSError as e:
+        raise _fail(path, f"cannot read ({e})") from None
+    if legacy:
+        return _guarded(path, _load_legacy, data)
+    try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError):
         raise _not_a_zip(path) from None
     except OSError as e:
         raise _fail(path, f"cannot read ({e})") from None
     with zf:
-        try:
-            return _load_from_zip(zf)
-        except _Refused as e:
-            raise _fail(path, str(e)) from None
-        except Exception as e:  # noqa: BLE001 - any failure inside a crafted pickle is "damaged"
-            raise _fail(path, f"damaged checkpoint ({type(e).__name__}: {e})") from None
+        return _guarded(path, _load_from_zip, zf)
+
+
+def _is_legacy(head: bytes) -> bool:
+    return head[:1] == b"\x80" or head == _LEGACY_TEXT_MAGIC
+
+
+def _guarded(path: str | os.PathLike[str], read: Callable[[Any], Any], source: Any) -> Any:
+    """``read(source)``, any failure inside it turned into a one-line CheckpointError."""
+    try:
+        return read(source)
+    except _Refused as e:
+        raise _fail(path, str(e)) from None
+    except Exception as e:  # noqa: BLE001 - any failure inside a crafted pickle is "damaged"
+        raise _fail(path, f"damaged checkpoint ({type(e).__name__}: {e})") from None
 
 
 def _not_a_zip(path: str | os.PathLike[str]) -> CheckpointError:
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(512)
     except OSError as e:
         return _fail(path, f"cannot read ({e})")
     if head.startswith(b"PK"):
         return _fail(path, "damaged zip archive (truncated file?)")
-    if head[:1] == b"\x80":
+    if head[257:262] == b"ustar":
         return _fail(
             path,
-            "not a zip archive: legacy (PyTorch < 1.6) or plain-pickle files are not supported "
-            "(re-save it with torch.save in PyTorch >= 1.6)",
+            "a tar archive: the tar format of the earliest PyTorch releases is not supported "
+            "(torch.load(weights_only=True) refuses it too; re-save it with a newer torch.save)",
         )
-    return _fail(path, "not a PyTorch checkpoint (not a zip archive)")
+    return _fail(path, "not a PyTorch checkpoint (neither a zip archive nor a legacy pickle)")
 
 
 def _load_from_zip(zf: zipfile.ZipFile) -> Any:
@@ -379,24 +473,123 @@ def _load_from_zip(zf: zipfile.ZipFile) -> Any:
     order = "<" if byteorder == "little" else ">"
     cache: dict[str, np.ndarray] = {}
 
-    def read_storage(key: str, storage_type: _StorageType, numel: int) -> _Storage:
-        dtype = storage_type.dtype.newbyteorder(order)
+    def read_storage(key: str, storage_type: _StorageType, numel: int, view: Any) -> _Storage:
+        del view  # the zip format has none
         if key not in cache:
             # One record per storage: tensors sharing it must also share the bytes read.
             cache[key] = np.frombuffer(read(f"{prefix}data/{key}"), dtype=np.uint8)
-        raw = cache[key]
-        nbytes = numel * dtype.itemsize
-        if raw.size < nbytes:
-            raise _Refused(
-                f"storage record '{prefix}data/{key}' holds {raw.size} bytes, "
-                f"{nbytes} expected (truncated file?)"
-            )
-        arr = raw[:nbytes].view(dtype)
-        if not arr.dtype.isnative:
-            arr = arr.astype(dtype.newbyteorder("="))
-        return _Storage(arr)
+        what = f"storage record '{prefix}data/{key}'"
+        return _typed(cache[key], storage_type, numel, order, what)
 
-    return _RestrictedUnpickler(read(prefix + "data.pkl"), read_storage).load()
+    return _RestrictedUnpickler(io.BytesIO(read(prefix + "data.pkl")), read_storage).load()
+
+
+def _typed(
+    raw: np.ndarray, storage_type: _StorageType, numel: int, order: str, what: str
+) -> _Storage:
+    """The first ``numel`` elements of the bytes ``raw`` in the storage's dtype, native order."""
+    dtype = storage_type.dtype.newbyteorder(order)
+    nbytes = numel * dtype.itemsize
+    if raw.size < nbytes:
+        raise _Refused(f"{what} holds {raw.size} bytes, {nbytes} expected (truncated file?)")
+    arr = raw[:nbytes].view(dtype)
+    if not arr.dtype.isnative:
+        arr = arr.astype(dtype.newbyteorder("="))
+    return _Storage(arr)
+
+
+def _load_legacy(data: bytes) -> Any:
+    """Reads the legacy (pre-zip) format; see the module docstring for the layout."""
+    stream = io.BytesIO(data)
+
+    def unpickle(what: str, unpickler: _RestrictedUnpickler) -> Any:
+        try:
+            return unpickler.load()
+        except _Refused:
+            raise
+        except (EOFError, pickle.UnpicklingError) as e:
+            if stream.tell() >= len(data) or "truncated" in str(e):
+                raise _Refused(f"the {what} ends early (truncated file?)") from None
+            raise _Refused(f"the {what} is damaged ({type(e).__name__}: {e})") from None
+
+    def header(what: str) -> Any:
+        return unpickle(what, _RestrictedUnpickler(stream, None, pid_len=0))
+
+    magic = header("header")
+    if type(magic) is not int or magic != _LEGACY_MAGIC:
+        raise _Refused(
+            "not a PyTorch checkpoint: a pickle, but without torch.save's legacy-format magic "
+            "number"
+        )
+    version = header("header")
+    if type(version) is not int or version != _LEGACY_PROTOCOL:
+        raise _Refused(f"unsupported legacy format version {version!r:.40} (expected 1001)")
+    if not isinstance(header("header"), dict):  # sys_info: byte order, C type sizes
+        raise _Refused("damaged header: the system info is not a dict")
+    start = stream.tell()
+
+    # Pass 1: which storages the object references, in which dtype (the first reference's, as
+    # torch.load does) and how many elements; the first reference to a key fixes them.
+    first: dict[str, tuple[_StorageType, int]] = {}
+
+    def note(key: str, storage_type: _StorageType, numel: int, view: Any) -> None:
+        del view
+        first.setdefault(key, (storage_type, numel))
+
+    unpickle(
+        "object pickle",
+        _RestrictedUnpickler(stream, note, pid_len=6, allowed=_FIRST_PASS),
+    )
+    keys = header("storage key list")
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise _Refused("damaged storage key list (not a list of strings)")
+
+    # The storages follow in the order of the list: int64 element count, then the bytes.
+    records: dict[str, np.ndarray] = {}
+    pos = stream.tell()
+    for key in keys:
+        if key in records:
+            raise _Refused(f"storage '{key:.40}' is listed twice")
+        if key not in first:
+            raise _Refused(f"storage '{key:.40}' is listed but no tensor uses it")
+        storage_type, numel = first[key]
+        if pos + 8 > len(data):
+            raise _Refused(f"storage '{key:.40}' is missing (truncated file?)")
+        count = int.from_bytes(data[pos : pos + 8], "little", signed=True)
+        if count != numel:
+            raise _Refused(f"storage '{key:.40}' holds {count} elements, {numel} expected")
+        pos += 8
+        nbytes = numel * storage_type.dtype.itemsize
+        if pos + nbytes > len(data):
+            raise _Refused(
+                f"storage '{key:.40}' holds {len(data) - pos} bytes, {nbytes} expected "
+                "(truncated file?)"
+            )
+        records[key] = np.frombuffer(data, dtype=np.uint8, count=nbytes, offset=pos)
+        pos += nbytes
+    for key in first:
+        if key not in records:
+            raise _Refused(f"storage '{key:.40}' is missing from the file (truncated file?)")
+
+    # Pass 2: the object, with the tensors read from the records (always little-endian).
+    def read_storage(
+        key: str, storage_type: _StorageType, numel: int, view: tuple[str, int, int] | None
+    ) -> _Storage:
+        if key not in records:  # pass 1 saw the same references; a guard, not expected
+            raise _Refused(f"storage '{key:.40}' is missing from the file")
+        storage = _typed(records[key], storage_type, numel, "<", f"storage '{key:.40}'")
+        if view is None:
+            return storage
+        # Views (PyTorch < 0.4) are a slice of their root storage, in elements.
+        _, offset, size = view
+        if offset + size > storage.array.size:
+            raise _Refused(
+                f"storage view {view!r:.80} exceeds its storage of {storage.array.size} elements"
+            )
+        return _Storage(storage.array[offset : offset + size])
+
+    stream.seek(start)
+    return unpickle("object pickle", _RestrictedUnpickler(stream, read_storage, pid_len=6))
 
 
 def load_torch_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
