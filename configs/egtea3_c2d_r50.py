@@ -1,0 +1,23 @@
+"""EGTEA Gaze+ split 3: C2D ResNet-50, 8 segments, the release's recipe.
+
+Run (frames extracted under ROOT as the preset `egtea_split3` describes; ImageNet start converted
+with `python -m aia_jax.convert imagenet --weights resnet50.pth --name C2D --num-classes K
+--output models/egtea3_c2d_r50_in1k`):
+
+    python train.py --config configs/egtea3_c2d_r50.py --workdir runs/egtea3_c2d_r50 \
+        --config.data.root=ROOT --config.init_from=models/egtea3_c2d_r50_in1k
+
+Evaluate (1 clip × 1 crop, as the release reports):
+
+    python -m aia_jax.evaluate --config configs/egtea3_c2d_r50.py --checkpoint runs/egtea3_c2d_r50 \
+        --config.data.root=ROOT
+
+Expected result: not reported in the release.
+The recipe assumes a global batch of 40 clips; lr is scaled linearly with `batch_size`.
+"""
+
+from configs.common import release_recipe
+
+
+def get_config():
+    return release_recipe("C2D", "egtea_split3")
