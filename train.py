@@ -4,7 +4,7 @@ Config fields can be overridden on the command line, e.g. `--config.optimizer.lr
 that holds checkpoints is resumed from its latest one. See configs/common.py for the fields.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from aia_jax import train
@@ -12,6 +12,9 @@ from aia_jax import train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
 flags.mark_flags_as_required(["config", "workdir"])
+# The progress bar and the validation lines are the normal output; `--verbosity=0` shows the
+# INFO log (batch geometry, learning-rate scaling, checkpoint I/O) as well.
+flags.FLAGS.set_default("verbosity", logging.WARNING)
 
 
 def main(argv: list[str]) -> None:

@@ -63,8 +63,8 @@ def release_recipe(
     c.batch_size = 40
     c.grad_accum_steps = 1
     c.eval_batch_size = 40
-    c.num_epochs = 50
-    c.eval_every_epochs = 1
+    c.num_epochs = 50.0
+    c.eval_every_epochs = 1.0
     c.checkpoint_every_steps = 1000
     c.log_every_steps = 50
     c.keep_checkpoints = 2

@@ -29,8 +29,8 @@ def get_config():
     c.optimizer.warmup_epochs = 0.5
     c.batch_size = 16
     c.eval_batch_size = 32
-    c.num_epochs = 6
-    c.eval_every_epochs = 2
+    c.num_epochs = 6.0
+    c.eval_every_epochs = 2.0
     c.checkpoint_every_steps = 200
     c.log_every_steps = 20
     return c
