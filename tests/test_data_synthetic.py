@@ -22,11 +22,14 @@ def test_prepare_writes_a_tfds_dataset_once(tmp_path):
     val = tfds.data_source(name, split="validation", data_dir=str(tmp_path), download=False)
     assert (len(train), len(val)) == (24, 12)
     ex = train[0]
-    assert ex["video"].shape == (24, 64, 64, 3) and ex["video"].dtype == np.uint8
+    S = synthetic.SIZE
+    assert ex["video"].shape == (24, S, S, 3) and ex["video"].dtype == np.uint8
     assert sorted(int(train[i]["label"]) for i in range(24)) == sorted(list(range(12)) * 2)
     assert "tensorflow" not in sys.modules
     # A second call finds it and writes nothing.
-    info = os.path.join(tmp_path, synthetic.NAME, synthetic.config_name(24, 12, 3), "1.0.0")
+    info = os.path.join(
+        tmp_path, synthetic.NAME, synthetic.config_name(24, 12, 3), synthetic.VERSION
+    )
     mtime = os.path.getmtime(os.path.join(info, "dataset_info.json"))
     assert synthetic.prepare(str(tmp_path), num_train=24, num_val=12, seed=3) == name
     assert os.path.getmtime(os.path.join(info, "dataset_info.json")) == mtime
@@ -86,9 +89,11 @@ def test_default_source_trains_and_evaluates(tmp_path):
     c = data.get_config()  # source 'synthetic' is the default
     c.data_dir = str(tmp_path)
     c.synthetic_num_train, c.synthetic_num_val = 24, 12
-    c.resize, c.crop_size, c.num_workers = (64, 64), 56, 0
+    c.resize, c.crop_size = synthetic.RECOMMENDED["resize"], synthetic.RECOMMENDED["crop_size"]
+    c.num_workers = 0
     it = data.make_train_iterator(c, global_batch_size=8, seed=0, process_index=0, process_count=1)
     batch = next(it)
-    assert batch["video"].shape == (8, 8, 56, 56, 3) and batch["label"].max() < 12
+    crop = c.crop_size
+    assert batch["video"].shape == (8, 8, crop, crop, 3) and batch["label"].max() < 12
     evals = list(data.make_eval_iterator(c, global_batch_size=8, process_index=0, process_count=1))
     assert sum(int(b["valid"].sum()) for b in evals) == 12 == data.num_eval_examples(c)
