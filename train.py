@@ -12,14 +12,15 @@ from aia_jax import train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
 flags.mark_flags_as_required(["config", "workdir"])
-# The progress bar and the validation lines are the normal output; `--verbosity=0` shows the
-# INFO log (batch geometry, learning-rate scaling, checkpoint I/O) as well.
-flags.FLAGS.set_default("verbosity", logging.WARNING)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        # The progress bar and the validation lines are the normal output; `--verbosity=0`
+        # shows the INFO log (batch geometry, learning-rate scaling, checkpoint I/O) as well.
+        logging.set_verbosity(logging.WARNING)
     summary = train.run(_CONFIG.value, _WORKDIR.value)
     if "val_top1" in summary:
         print(
