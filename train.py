@@ -21,7 +21,11 @@ def main(argv: list[str]) -> None:
         # The progress bar and the validation lines are the normal output; `--verbosity=0`
         # shows the INFO log (batch geometry, learning-rate scaling, checkpoint I/O) as well.
         logging.set_verbosity(logging.WARNING)
-    summary = train.run(_CONFIG.value, _WORKDIR.value)
+    try:
+        summary = train.run(_CONFIG.value, _WORKDIR.value)
+    except train.NonFiniteLossError as e:
+        # The checkpoints in the workdir are the last good ones; say so and fail the job.
+        raise SystemExit(f"error: {e}") from None
     if "val_top1" in summary:
         print(
             f"Finished at step {summary['step']}: val top-1 {summary['val_top1']:.4f}, "

@@ -41,6 +41,8 @@ def release_recipe(
     c.data.root = root
     c.data.num_segments = 8
     c.data.num_workers = 8
+    # One number: `--config.data.num_segments=16` changes the network's T as well.
+    c.model.num_segments = c.data.get_ref("num_segments")
     if name.startswith("I3D"):
         # The 3D form reads dense clips: 8 frames, 8 apart (SlowOnly-style 8×8).
         c.data.sampling = "dense3d"
@@ -74,7 +76,9 @@ def release_recipe(
     # `python -m aia_jax.convert imagenet --weights resnet50.pth --name NAME --num-classes K
     #  --output DIR` and set this to DIR.
     c.init_from = ""
+    # Multi-host: set the three fields (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    # JAX_PROCESS_ID), or `auto=True` for JAX's cluster detection (TPU pods, SLURM, Open MPI).
     c.distributed = ml_collections.ConfigDict(
-        dict(coordinator_address="", num_processes=0, process_id=-1)
+        dict(coordinator_address="", num_processes=0, process_id=-1, auto=False)
     )
     return c

@@ -5,6 +5,13 @@ permutes the whole map into `[b, t, c, h, w]` for every gate; here only the smal
 is touched: each gate's 2→1-channel 3×3×3 convolution slides over the pooled map in the order
 its axes already have, and the release's kernel is permuted (54 numbers) to that order instead.
 The stored kernel keeps the release's `(D1, D2, D3)` order, so a converted kernel works unchanged.
+
+Two implementations compute the same function with the same parameters (`impl`):
+- `'xla'`: the plain formulation (`jnp.max`/`jnp.mean`, `lax.conv_general_dilated`, broadcast
+  multiplies) with autodiff gradients; the reference.
+- `'fused'` (default, faster; see bench/RESULTS.md): `aia_jax.models.fused` — all pools of a
+  unit in one call, the gate convolution as 27 shifted multiply-adds, and hand-written
+  gradients. Equal to `'xla'` to float32 rounding (tests/test_fused.py).
 """
 
 from __future__ import annotations
@@ -17,7 +24,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aia_jax.models import fused
+
 Dtype = Any
+
+IMPLS = ("xla", "fused")
+# Measured faster on CPU (bench/RESULTS.md); `fused` avoids XLA:CPU's slow small-channel
+# Conv3d and axis-1 reductions, and is a few plain fused loops on GPU as well.
+DEFAULT_IMPL = "fused"
 
 # For each gate: the axis of the `[b, t, h, w, c]` map it pools over, and how the release's
 # kernel axes (D1, D2, D3) map onto the axes the pooled map keeps here. The release's Conv3d
@@ -66,18 +80,28 @@ class GateConv(nn.Module):
 
     Attributes:
       gate: which gate ('C', 'T', 'H', 'W'); fixes how the stored kernel is permuted.
+      impl: 'xla' (`lax.conv_general_dilated`) or 'fused' (`fused.gate_conv`, float32 taps).
     """
 
     gate: str
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    impl: str = DEFAULT_IMPL
 
     @nn.compact
     def __call__(self, pooled: jax.Array) -> jax.Array:
+        """Maps the pooled context `[b, D1, D2, D3, 2]` (max, mean) to `[b, D1, D2, D3, 1]`."""
         # Stored in the release's (D1, D2, D3, in, out) order: torch [1, 2, 3, 3, 3] → (2,3,4,1,0).
         kernel = self.param("kernel", self.kernel_init, (3, 3, 3, 2, 1), self.param_dtype)
-        kernel = jnp.transpose(kernel, GATE_KERNEL_PERM[self.gate]).astype(self.dtype)
+        kernel = jnp.transpose(kernel, GATE_KERNEL_PERM[self.gate])
+        if self.impl == "fused":
+            pooled = pooled.astype(jnp.float32)
+            out = fused.gate_conv(pooled[..., 0], pooled[..., 1], kernel)
+            return out[..., None].astype(self.dtype)
+        if self.impl != "xla":
+            raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
+        kernel = kernel.astype(self.dtype)
         return jax.lax.conv_general_dilated(
             pooled.astype(self.dtype),
             kernel,
@@ -110,22 +134,32 @@ def _apply_gate(
 class AttentionUnit(nn.Module):
     """One unit of the release: 'C', 'ST', 'CinST' or 'STinC' (official-aia.md, "The units").
 
-    Submodules are named as the release's keys (`C_conv`, `C_bn`, `T_conv`, …).
+    Submodules are named as the release's keys (`C_conv`, `C_bn`, `T_conv`, …); `impl` ('xla'
+    or 'fused') changes how they are computed, not the parameters.
     """
 
     unit: str
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    impl: str = DEFAULT_IMPL
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if self.impl not in IMPLS:
+            raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
+        if self.unit not in UNIT_GATES:
+            raise ValueError(
+                f"unknown attention unit {self.unit!r}; expected one of {list(UNIT_GATES)}"
+            )
         gates = {
             g: (
-                GateConv(g, self.dtype, self.param_dtype, name=f"{g}_conv"),
+                GateConv(g, self.dtype, self.param_dtype, impl=self.impl, name=f"{g}_conv"),
                 _norm(self.dtype, self.param_dtype, train, f"{g}_bn"),
             )
             for g in UNIT_GATES[self.unit]
         }
+        if self.impl == "fused":
+            return self._fused(x, gates)
 
         def gate(name: str, inp: jax.Array) -> jax.Array:
             return _apply_gate(inp, name, *gates[name], x.dtype)
@@ -141,7 +175,33 @@ class AttentionUnit(nn.Module):
             return x * st_gate(x * gate("C", x))
         if self.unit == "STinC":
             return x * gate("C", x * st_gate(x))
-        raise ValueError(f"unknown attention unit {self.unit!r}; expected one of {list(UNIT_GATES)}")
+        raise AssertionError(self.unit)
+
+    def _fused(self, x: jax.Array, gates: dict[str, tuple[GateConv, nn.BatchNorm]]) -> jax.Array:
+        """The unit with `fused` primitives: one pooling call per map, one product per gating."""
+
+        def gate_values(inp: jax.Array, names: str) -> tuple[jax.Array, ...]:
+            axes = tuple(GATE_POOL_AXIS[n] for n in names)
+            out = []
+            for n, (mx, mean) in zip(names, fused.pool(inp, axes), strict=True):
+                conv, bn = gates[n]
+                logits = bn(conv(jnp.stack([mx, mean], axis=-1)))
+                out.append(jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0])
+            return tuple(out)
+
+        def apply(inp: jax.Array, names: str, values: tuple[jax.Array, ...]) -> jax.Array:
+            axes = tuple(GATE_POOL_AXIS[n] for n in names)
+            return fused.gate_product(inp, values, axes, (1.0 / len(names),) * len(names))
+
+        if self.unit == "C":
+            return apply(x, "C", gate_values(x, "C"))
+        if self.unit == "ST":
+            return apply(x, "THW", gate_values(x, "THW"))
+        if self.unit == "CinST":
+            y = apply(x, "C", gate_values(x, "C"))
+            return apply(x, "THW", gate_values(y, "THW"))
+        z = apply(x, "THW", gate_values(x, "THW"))  # STinC
+        return apply(x, "C", gate_values(z, "C"))
 
 
 def apply_placement(
@@ -151,18 +211,20 @@ def apply_placement(
     train: bool,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
+    impl: str = DEFAULT_IMPL,
 ) -> jax.Array:
     """Applies a placement's units to `x` ([b, t, h, w, c]) inside the calling module.
 
     Called from a compact method, the units become submodules of the caller named `eft`
-    (one unit) or `eft1`/`eft2` (two), exactly as in the release's bottleneck.
+    (one unit) or `eft1`/`eft2` (two), exactly as in the release's bottleneck. `impl` picks
+    the computation ('xla' or 'fused'); the parameters are the same.
     """
     if placement not in PLACEMENTS:
         raise ValueError(
             f"unknown attention placement {placement!r}; expected one of {list(PLACEMENTS)}"
         )
     units, combine = PLACEMENTS[placement]
-    make = partial(AttentionUnit, dtype=dtype, param_dtype=param_dtype)
+    make = partial(AttentionUnit, dtype=dtype, param_dtype=param_dtype, impl=impl)
     if not units:
         return x
     if len(units) == 1:
@@ -182,9 +244,15 @@ class Attention(nn.Module):
     placement: str
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    impl: str = DEFAULT_IMPL
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         return apply_placement(
-            self.placement, x, train=train, dtype=self.dtype, param_dtype=self.param_dtype
+            self.placement,
+            x,
+            train=train,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            impl=self.impl,
         )

@@ -1,0 +1,195 @@
+"""Model directories: a network's variables and what is needed to rebuild it.
+
+A *model directory* holds
+- `model.json`: `{"format": "aia-jax-model", "version": 1, "name": <release name>,
+  "num_classes", "num_segments", "depth", "width", "dropout", ...}` — the `models.create`
+  arguments (dtypes are a run-time choice and not stored) plus free-form extras (e.g. `source`);
+- `variables/`: an Orbax checkpoint of `{'params': ..., 'batch_stats': ...}`.
+
+The converter writes one, the trainer's `init_from` and the evaluator read one. `load_model`
+also accepts a training workdir (`model.json` beside `checkpoints/`) and then reads its best
+checkpoint by validation top-1 (the latest when none was evaluated).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import traverse_util
+
+PyTree = Any
+
+MODEL_JSON = "model.json"
+VARIABLES_DIR = "variables"
+FORMAT = "aia-jax-model"
+VERSION = 1
+# `models.create` keyword arguments recorded in model.json (besides `name`).
+CREATE_ARGS = ("num_classes", "num_segments", "depth", "width", "dropout", "shift_place")
+
+
+def model_meta(name: str, **create_kwargs: Any) -> dict[str, Any]:
+    """A `model.json` dict for `models.create(name, **create_kwargs)`; extras are kept as-is."""
+    meta = {"format": FORMAT, "version": VERSION, "name": name}
+    meta.update(create_kwargs)
+    return meta
+
+
+def meta_from_model(model: Any, name: str | None = None) -> dict[str, Any]:
+    """The `model.json` dict of a `VideoNet` instance (`name` defaults to its canonical name)."""
+    if name is None:
+        from aia_jax.models import ModelName
+
+        name = ModelName(model.form, model.placement).canonical
+    return model_meta(name, **{k: getattr(model, k) for k in CREATE_ARGS if hasattr(model, k)})
+
+
+def create_model(meta: Mapping[str, Any], **overrides: Any):
+    """`models.create` from a `model.json` dict; `overrides` (e.g. `dtype`) win."""
+    from aia_jax import models
+
+    kwargs = {k: meta[k] for k in CREATE_ARGS if k in meta}
+    kwargs.update(overrides)
+    return models.create(meta["name"], **kwargs)
+
+
+def write_meta(directory: str, meta: Mapping[str, Any]) -> None:
+    """Writes `model.json` into `directory` (atomically: temporary file, then rename)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, MODEL_JSON)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(dict(meta), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_meta(directory: str) -> dict[str, Any]:
+    """Reads `model.json` from a model directory or training workdir."""
+    path = os.path.join(directory, MODEL_JSON)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {directory} is not a model directory")
+    with open(path) as f:
+        meta = json.load(f)
+    if "name" not in meta:
+        raise ValueError(f"{path} has no model 'name'")
+    return meta
+
+
+def save_model(directory: str, variables: Mapping[str, PyTree], meta: Mapping[str, Any]) -> None:
+    """Writes a model directory: `model.json` and `variables/` (params and batch_stats).
+
+    Call on every process (Orbax coordinates multi-host writes); blocks until written.
+    Refuses to overwrite an existing `variables/`.
+    """
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    if "name" not in meta:
+        raise ValueError("meta needs the model 'name' (see modelio.model_meta)")
+    path = os.path.abspath(os.path.join(directory, VARIABLES_DIR))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, variables)
+        ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        write_meta(directory, {"format": FORMAT, "version": VERSION, **meta})
+
+
+def _restore_numpy(path: str) -> PyTree:
+    """Restores an Orbax pytree checkpoint as host numpy arrays (independent of devices)."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        tree = ckptr.metadata(path).item_metadata.tree
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def load_model(path: str, *, step: int | None = None) -> tuple[dict[str, PyTree], dict[str, Any]]:
+    """Reads a model directory or a training workdir.
+
+    Args:
+      path: a model directory (`model.json` + `variables/`) or a training workdir
+        (`model.json` + `checkpoints/`).
+      step: workdir only: which checkpoint; default the best by validation top-1, else the
+        latest.
+
+    Returns:
+      `(variables, meta)`: `{'params', 'batch_stats'}` as numpy arrays, and the `model.json`
+      dict (for a workdir with `"step"` added).
+    """
+    meta = read_meta(path)
+    if os.path.isdir(os.path.join(path, VARIABLES_DIR)):
+        tree = _restore_numpy(os.path.abspath(os.path.join(path, VARIABLES_DIR)))
+    else:
+        from aia_jax.train import checkpoint  # a training workdir
+
+        tree, step = checkpoint.restore_variables(path, step=step)
+        meta = {**meta, "step": step}
+    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}, meta
+
+
+def load_for_init(path: str, model_or_meta: Any) -> dict[str, PyTree]:
+    """Variables to initialise a training run from (`config.init_from`).
+
+    Args:
+      path: a model directory or training workdir (see `load_model`). An ImageNet torchvision
+        `.pth` file needs the converter (`aia_jax.convert`) and is refused until it exists.
+      model_or_meta: the model being trained (a `VideoNet`) or its `model.json` dict; a
+        different model name is allowed (e.g. fine-tuning a TSM from a C2D), with a warning.
+
+    Returns:
+      `{'params', 'batch_stats'}` (numpy). The trainer copies every tensor whose path and shape
+      match its own and keeps its fresh initialisation for the rest (e.g. a classifier with a
+      different number of classes).
+    """
+    if os.path.isfile(path) and path.endswith((".pth", ".pt", ".pth.tar", ".safetensors")):
+        raise NotImplementedError(
+            f"init_from={path!r}: initialising from a PyTorch file (e.g. torchvision ImageNet "
+            "weights) needs the converter; convert it first with `python -m aia_jax.convert` "
+            "into a model directory and pass that directory."
+        )
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"init_from={path!r} is neither a model directory nor a workdir")
+    variables, meta = load_model(path)
+    target = model_or_meta if isinstance(model_or_meta, Mapping) else meta_from_model(model_or_meta)
+    if _canonical(meta["name"]) != _canonical(target["name"]):
+        logging.warning(
+            "init_from: %s holds a %s, initialising a %s from it.",
+            path,
+            meta["name"],
+            target["name"],
+        )
+    return variables
+
+
+def _canonical(name: str) -> str:
+    try:
+        from aia_jax.models import parse_name
+
+        return parse_name(name).canonical
+    except (ImportError, ValueError):
+        return name
+
+
+def merge_for_init(init: PyTree, loaded: PyTree) -> tuple[PyTree, list[str], list[str]]:
+    """Overlays `loaded` onto `init` where paths and shapes agree.
+
+    Returns:
+      `(merged, copied, kept)`: the merged tree, and the '/'-joined paths copied from `loaded`
+      and those that kept their initial value (missing or of another shape).
+    """
+    flat_init = traverse_util.flatten_dict(init, sep="/")
+    flat_loaded = traverse_util.flatten_dict(loaded, sep="/")
+    merged, copied, kept = {}, [], []
+    for key, value in flat_init.items():
+        other = flat_loaded.get(key)
+        if other is not None and tuple(np.shape(other)) == tuple(value.shape):
+            merged[key] = np.asarray(other).astype(value.dtype)
+            copied.append(key)
+        else:
+            merged[key] = value
+            kept.append(key)
+    return traverse_util.unflatten_dict(merged, sep="/"), copied, kept

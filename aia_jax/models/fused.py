@@ -1,0 +1,292 @@
+"""Fused AIA gate arithmetic with hand-written gradients (`jax.custom_vjp`).
+
+The plain path of `attention.py` (`impl='xla'`) writes each gate as `jnp.max`/`jnp.mean`,
+`lax.conv_general_dilated` and a broadcast multiply, and lets autodiff derive the gradient. On
+XLA:CPU (jax 0.10) two of those lower to pathological code (measured, see bench/RESULTS.md):
+
+- the 2→1-channel 3×3×3 `Conv3d` of a gate runs through a generic convolution path: about
+  0.2 s for the 22 MFLOP T gate of one ResNet-50 `layer1` block, 1000× slower than its FLOPs;
+- a reduction over axis 1 of a `[b, t, h, w, c]` map (the T gate's pool, and the transpose of
+  its broadcast) becomes a YNNPACK fusion that is ~100× slower than summing the t slices.
+
+The three primitives here avoid both, and their gradients are written out so that XLA sees a
+few elementwise passes and reductions instead of what autodiff would trace:
+
+- `pool(x, axes)`: max and mean of `x` over each of `axes` (one call for all axes a unit
+  pools over, so XLA can read the map once); gradient `mask·dmax/ties + dmean/n`, the same
+  subgradient as `jnp.max` (ties share the gradient equally).
+- `gate_conv(p_max, p_mean, kernel)`: the gate's convolution as 27 shifted multiply-adds of
+  the small pooled map; input gradient by the flipped taps, kernel gradient as one variadic
+  reduction (54 sums in one loop).
+- `gate_product(x, gates, axes, weights)`: `x · Σ w·gate` with each gate broadcast along the
+  axis it was pooled over; gradient `dout·Σ w·gate` and, per gate, `w·Σ_axis(dout·x)`.
+
+Nothing here is CPU-specific: on GPU the same programs are a handful of fused loops.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The map is [b, t, h, w, c]; XLA:CPU reduces axis 1 slowly (see module docstring), so that
+# axis is reduced as a chain of elementwise ops over its (few) slices.
+_SLICED_AXIS = 1
+
+_TAPS = list(itertools.product(range(3), repeat=3))
+
+
+def _reduce(x: jax.Array, axis: int, kind: str) -> jax.Array:
+    """`max` (in x's dtype), float32 `sum` or int32 `count` of `x` over `axis`, materialised.
+
+    The barrier keeps XLA from fusing the reduction (a chain of elementwise ops for axis 1)
+    into its consumers, which would recompute it for every use: the 27 taps of a gate conv.
+    """
+    if axis == _SLICED_AXIS and x.shape[axis] <= 64:
+        parts = [jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis])]
+        if kind == "max":
+            out = functools.reduce(jnp.maximum, parts)
+        elif kind == "count":
+            out = functools.reduce(jnp.add, parts)
+        else:
+            out = functools.reduce(jnp.add, [p.astype(jnp.float32) for p in parts])
+    elif kind == "max":
+        out = jnp.max(x, axis=axis)
+    elif kind == "count":
+        out = jnp.sum(x, axis=axis, dtype=x.dtype)
+    else:
+        out = jnp.sum(x, axis=axis, dtype=jnp.float32)
+    return jax.lax.optimization_barrier(out)
+
+
+def _max_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Max (in x's dtype) and float32 sum of `x` over `axis`, materialised.
+
+    Over axis 1 both come from one variadic reduction: a single pass that XLA:CPU emits itself
+    (the YNNPACK reduction it picks for a plain axis-1 `reduce` is the slow one), and, being a
+    reduction, is never duplicated into consumers. Other axes reduce fastest separately.
+    """
+    if axis != _SLICED_AXIS:
+        return _reduce(x, axis, "max"), _reduce(x, axis, "sum")
+    # A variadic reduction needs one precision; the float32 max of a bf16 map is exact.
+    x32 = x.astype(jnp.float32)
+    mx, total = jax.lax.reduce(
+        (x32, x32),
+        (jnp.float32(-jnp.inf), jnp.float32(0)),
+        lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1]),
+        (axis,),
+    )
+    return mx.astype(x.dtype), total
+
+
+def _reduce_product(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
+    """float32 `Σ_axis a·b`, materialised.
+
+    Written as a contraction: XLA:CPU rewrites `reduce(multiply)` into a badly shaped dot that
+    runs ~50× slower than this einsum (0.1 s for one `layer1` map).
+    """
+    if axis == _SLICED_AXIS and a.shape[axis] <= 64:
+        return _reduce(a.astype(jnp.float32) * b.astype(jnp.float32), axis, "sum")
+    letters = "abcdefgh"[: a.ndim]
+    out = letters[:axis] + letters[axis + 1 :]
+    spec = f"{letters},{letters}->{out}"
+    return jax.lax.optimization_barrier(jnp.einsum(spec, a, b, preferred_element_type=jnp.float32))
+
+
+def _expand(v: jax.Array, axis: int) -> jax.Array:
+    return jnp.expand_dims(v, axis)
+
+
+# --- pooling --------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def pool(x: jax.Array, axes: Sequence[int]) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """Max and mean of `x` over each axis in `axes`, both float32.
+
+    Args:
+      x: the feature map (any float dtype).
+      axes: the axes to pool over, one (max, mean) pair per axis.
+
+    Returns:
+      `((max_0, mean_0), (max_1, mean_1), …)`, each with that axis removed.
+    """
+    return _pool_fwd(x, axes)[0]
+
+
+def _pool_fwd(x, axes):
+    pairs = [_max_sum(x, a) for a in axes]
+    out = tuple((m.astype(jnp.float32), s / x.shape[a]) for a, (m, s) in zip(axes, pairs))
+    return out, (x, tuple(m for m, _ in pairs))
+
+
+def _pool_bwd(axes, res, cts):
+    x, maxes = res
+    dx = None
+    for a, m, (dmax, dmean) in zip(axes, maxes, cts, strict=True):
+        hit = x == _expand(m, a)
+        # Ties share the gradient, as jnp.max's does. Counted in int16 (axes are short): XLA:CPU
+        # hands float and int32 sums to YNNPACK, which cannot fuse the comparison and first
+        # writes a full-size mask.
+        count_dtype = jnp.int16 if x.shape[a] < 2**15 else jnp.int32
+        ties = _reduce(hit.astype(count_dtype), a, "count").astype(jnp.float32)
+        term = jnp.where(hit, _expand(dmax / ties, a), 0.0) + _expand(dmean / x.shape[a], a)
+        dx = term if dx is None else dx + term
+    return (dx.astype(x.dtype),)
+
+
+pool.defvjp(_pool_fwd, _pool_bwd)
+
+
+# --- the gate convolution -------------------------------------------------------------------
+
+
+def _taps(inputs: Sequence[jax.Array], weights: jax.Array) -> jax.Array:
+    """`Σ_tap Σ_i weights[tap, i] · pad(inputs[i])[· + tap]` — a 'same' 3×3×3 cross-correlation.
+
+    Args:
+      inputs: arrays `[b, D1, D2, D3]` (float32).
+      weights: `[27, len(inputs)]`, taps in (D1, D2, D3) row-major order.
+    """
+    padded = [jnp.pad(v, ((0, 0), (1, 1), (1, 1), (1, 1))) for v in inputs]
+    _, p1, p2, p3 = padded[0].shape
+    out = None
+    for t, (i, j, k) in enumerate(_TAPS):
+        for c, v in enumerate(padded):
+            term = v[:, i : i + p1 - 2, j : j + p2 - 2, k : k + p3 - 2] * weights[t, c]
+            out = term if out is None else out + term
+    return out
+
+
+def _materialize(x: jax.Array, anchor: jax.Array) -> jax.Array:
+    """`x`, computed once into memory instead of being fused into (and recomputed by) its users.
+
+    XLA:CPU fuses an elementwise producer into every elementwise user, whatever it costs: the
+    54 multiply-adds of a gate convolution would be redone by the batch norm, its statistics
+    and its gradient. Read back through a dynamic slice whose start XLA cannot constant-fold
+    (`anchor` is any traced array; the start is clamped to 0), `x` is written once.
+    """
+    stacked = jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2))
+    start = jnp.minimum(anchor.reshape(-1)[0].astype(jnp.int32), 0)
+    return jax.lax.dynamic_slice_in_dim(stacked, start, x.shape[1], axis=1)
+
+
+def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
+    """`dk[tap, i] = Σ_x padded[i][x + tap] · dout[x]` for all 27 taps at once, `[27, n]`.
+
+    Args:
+      padded: the convolution's inputs, zero-padded by 1.
+      wide: its output gradient `dout`, zero-padded by 2.
+
+    All 27·n sums are one variadic reduction, which XLA emits as a single loop over the map
+    (54 accumulators) instead of 54 passes, and which it does not rewrite into a dot (the
+    autodiff of the taps, or of the Conv3d, takes 30-100× longer on CPU). The shifts are put
+    on `dout` (summing over the padded grid y = x + tap against `wide[y + 2 - tap]`), not on
+    the inputs: read at 27 offsets, `dout` is too costly for XLA to recompute in the loop, so
+    whatever computes it (the batch-norm gradient) runs once into memory.
+    """
+    p1, p2, p3 = padded[0].shape[1:]
+    operands = [
+        v * wide[:, 2 - i : 2 - i + p1, 2 - j : 2 - j + p2, 2 - k : 2 - k + p3]
+        for i, j, k in _TAPS
+        for v in padded
+    ]
+    zeros = tuple(jnp.float32(0) for _ in operands)
+    sums = jax.lax.reduce(
+        tuple(operands), zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (0, 1, 2, 3)
+    )
+    return jnp.stack(sums).reshape(len(_TAPS), len(padded))
+
+
+def _transposed_taps(wide: jax.Array, weights: jax.Array) -> jax.Array:
+    """Input gradient of `_taps` for one input: `Σ_tap w[26 - tap] · pad(dout, 1)[· + tap]`.
+
+    Reads `wide` (dout padded by 2) at offset 1, so that it shares the buffer `_kernel_grad`
+    reads.
+    """
+    d1, d2, d3 = (n - 4 for n in wide.shape[1:])
+    out = None
+    for t, (i, j, k) in enumerate(_TAPS):
+        term = wide[:, 1 + i : 1 + i + d1, 1 + j : 1 + j + d2, 1 + k : 1 + k + d3]
+        term = term * weights[26 - t]
+        out = term if out is None else out + term
+    return out
+
+
+@jax.custom_vjp
+def gate_conv(p_max: jax.Array, p_mean: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The gate's bias-free 2→1-channel 3×3×3 'same' convolution, float32.
+
+    Args:
+      p_max, p_mean: the two pooled channels `[b, D1, D2, D3]`.
+      kernel: `[3, 3, 3, 2, 1]` over (D1, D2, D3, in, out), i.e. already permuted to the
+        order of the pooled map's axes.
+
+    Returns:
+      `[b, D1, D2, D3]`, equal to `lax.conv_general_dilated` with padding 1.
+    """
+    out = _taps([p_max, p_mean], kernel.reshape(27, 2).astype(jnp.float32))
+    return _materialize(out, kernel)
+
+
+def _gate_conv_fwd(p_max, p_mean, kernel):
+    return gate_conv(p_max, p_mean, kernel), (p_max, p_mean, kernel)
+
+
+def _gate_conv_bwd(res, dout):
+    p_max, p_mean, kernel = res
+    w = kernel.reshape(27, 2).astype(jnp.float32)
+    wide = jnp.pad(dout, ((0, 0), (2, 2), (2, 2), (2, 2)))
+    d_max = _transposed_taps(wide, w[:, 0])
+    d_mean = _transposed_taps(wide, w[:, 1])
+    padded = [jnp.pad(v, ((0, 0), (1, 1), (1, 1), (1, 1))) for v in (p_max, p_mean)]
+    dk = _kernel_grad(padded, wide).reshape(kernel.shape).astype(kernel.dtype)
+    return d_max.astype(p_max.dtype), d_mean.astype(p_mean.dtype), dk
+
+
+gate_conv.defvjp(_gate_conv_fwd, _gate_conv_bwd)
+
+
+# --- applying the gates ---------------------------------------------------------------------
+
+
+def _combined(gates: Sequence[jax.Array], axes: Sequence[int], weights: Sequence[float]):
+    total = None
+    for g, a, w in zip(gates, axes, weights, strict=True):
+        term = _expand(g, a) * np.float32(w)
+        total = term if total is None else total + term
+    return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def gate_product(
+    x: jax.Array, gates: tuple[jax.Array, ...], axes: tuple[int, ...], weights: tuple[float, ...]
+) -> jax.Array:
+    """`x · Σ_i weights[i] · gates[i]`, gate i broadcast along `axes[i]` (the axis it pooled).
+
+    Args:
+      x: the map, any float dtype; the result has its dtype.
+      gates: float32 gates, each shaped as `x` without `axes[i]`.
+      axes: the axis of `x` each gate is broadcast along.
+      weights: the static weight of each gate (1, or 1/3 for the ST average).
+    """
+    return x * _combined(gates, axes, weights).astype(x.dtype)
+
+
+def _gate_product_fwd(x, gates, axes, weights):
+    return gate_product(x, gates, axes, weights), (x, gates)
+
+
+def _gate_product_bwd(axes, weights, res, dout):
+    x, gates = res
+    dx = dout * _combined(gates, axes, weights).astype(dout.dtype)
+    dgates = tuple(_reduce_product(dout, x, a) * np.float32(w) for a, w in zip(axes, weights))
+    return dx, tuple(d.astype(g.dtype) for d, g in zip(dgates, gates, strict=True))
+
+
+gate_product.defvjp(_gate_product_fwd, _gate_product_bwd)

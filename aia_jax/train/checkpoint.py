@@ -1,0 +1,144 @@
+"""Training checkpoints: an Orbax `CheckpointManager` in `<workdir>/checkpoints`.
+
+Layout: `<workdir>/checkpoints/<step>/` with items
+- `state/`: the whole `TrainState` (step, params, batch_stats, opt_state, rng), Orbax arrays;
+- `data_iter/`: the grain iterator position, one `process_<i>-of-<n>.json` per process;
+- `metrics/`: `{"val_top1": ...}` on steps where validation ran.
+
+Saves are asynchronous (arrays are copied to host memory before `save` returns, so the donated
+state can move on) and atomic: Orbax writes into a temporary directory and renames it when
+complete, so a crash mid-save leaves the previous checkpoint as the latest usable one; stale
+temporaries are removed when the manager is next opened. Kept: the newest `keep` checkpoints
+plus the best one by validation top-1.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from aia_jax.train.step import TrainState
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_METRIC = "val_top1"
+STATE, DATA_ITER = "state", "data_iter"
+
+
+def _best_fn(metrics: dict[str, Any]) -> float:
+    return float(metrics[BEST_METRIC])
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+class Checkpoints:
+    """Saves and restores `(TrainState, data iterator)` pairs of a training workdir."""
+
+    def __init__(
+        self, workdir: str, *, keep: int = 2, async_save: bool = True, read_only: bool = False
+    ):
+        options = ocp.CheckpointManagerOptions(
+            best_fn=_best_fn,
+            best_mode="max",
+            preservation_policy=policies.AnyPreservationPolicy(
+                [
+                    policies.LatestN(n=max(1, keep)),
+                    policies.BestN(
+                        get_metric_fn=_best_fn, n=1, keep_checkpoints_without_metrics=False
+                    ),
+                ]
+            ),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self.directory = checkpoint_dir(workdir)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(STATE, DATA_ITER)
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the best validation top-1 (None when nothing was evaluated)."""
+        return self.manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        data_iter: Any,
+        *,
+        metrics: dict[str, float] | None = None,
+    ) -> bool:
+        """Starts an asynchronous save of `state` and the iterator position at `step`.
+
+        Returns False (and saves nothing) when `step` is already saved.
+        """
+        if step in self.manager.all_steps():
+            return False
+        items = {STATE: ocp.args.StandardSave(state.to_dict())}
+        if data_iter is not None:
+            items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.manager.save(
+            step, args=ocp.args.Composite(**items), metrics=metrics, force=True
+        )
+
+    def restore(self, step: int, abstract_state: TrainState, data_iter: Any) -> TrainState:
+        """Restores the state (with the shardings of `abstract_state`) and the iterator."""
+        items = {STATE: ocp.args.StandardRestore(abstract_state.to_dict())}
+        if data_iter is not None:
+            items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return TrainState.from_dict(restored[STATE])
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are complete."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_variables(workdir: str, *, step: int | None = None) -> tuple[dict[str, Any], int]:
+    """Reads `params` and `batch_stats` of a workdir checkpoint as numpy arrays.
+
+    Args:
+      workdir: a training workdir.
+      step: which checkpoint; default the best by validation top-1, else the latest.
+
+    Returns:
+      `({'params', 'batch_stats'}, step)`.
+    """
+    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+        if step is None:
+            step = ckpts.best_step()
+            step = ckpts.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
+        path = os.path.join(ckpts.directory, str(step), STATE)
+        with ocp.PyTreeCheckpointer() as ckptr:
+            tree = ckptr.metadata(path).item_metadata.tree
+            tree = {k: tree[k] for k in ("params", "batch_stats")}
+            args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            restored = ckptr.restore(
+                path,
+                args=ocp.args.PyTreeRestore(item=tree, restore_args=args, partial_restore=True),
+            )
+    finally:
+        ckpts.close()
+    return {k: restored[k] for k in ("params", "batch_stats")}, step

@@ -1,0 +1,96 @@
+"""Process group and device mesh: one `data` axis over every device of every host.
+
+Parameters are replicated and batches are sharded along `data`; XLA turns the cross-device means
+(the loss, BatchNorm statistics) into all-reduces, so the same program runs on a CPU, one GPU,
+several GPUs, several hosts or a TPU slice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+# Environment variables read when the config leaves the process group unset (JAX itself reads
+# JAX_COORDINATOR_ADDRESS; the other two are named after it).
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+def initialize_distributed(cfg: Mapping[str, Any] | None = None) -> None:
+    """Joins the multi-host process group when one is configured; a no-op on one host.
+
+    Must run before anything touches a JAX backend. Settings come from `cfg`
+    (`coordinator_address`, `num_processes`, `process_id`, `auto`) and otherwise from the
+    environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`). With
+    `auto=True`, JAX's cluster detection (TPU pods, SLURM, Open MPI) fills in everything.
+
+    Args:
+      cfg: the config's `distributed` block, or None.
+    """
+    cfg = dict(cfg or {})
+    address = cfg.get("coordinator_address") or os.environ.get(ENV_COORDINATOR, "")
+    num = int(cfg.get("num_processes") or os.environ.get(ENV_NUM_PROCESSES, 0) or 0)
+    pid = cfg.get("process_id", -1)
+    if pid is None or pid < 0:
+        pid = int(os.environ.get(ENV_PROCESS_ID, -1))
+    if jax.distributed.is_initialized():
+        return
+    if address and num > 1:
+        if pid < 0:
+            raise ValueError(
+                f"process_id is required with num_processes={num} (or {ENV_PROCESS_ID})"
+            )
+        logging.info("Joining %d processes at %s as process %d.", num, address, pid)
+        jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+    elif cfg.get("auto"):
+        logging.info("Joining the process group found by JAX's cluster detection.")
+        jax.distributed.initialize()
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh named `data` over `devices` (default: every device of every process).
+
+    The axis is `Auto`, not `Explicit`: the model is written without sharding annotations and
+    the compiler propagates the batch sharding through it.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of parameters, optimiser state and scalars: a full copy on every device."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Sharding of batches: the leading (example) axis split along `data`."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
+    """Raises a clear error when the batch cannot be split evenly over devices and processes."""
+    micro, rem = divmod(global_batch_size, grad_accum_steps)
+    if rem:
+        raise ValueError(
+            f"batch_size {global_batch_size} is not divisible by grad_accum_steps "
+            f"{grad_accum_steps}"
+        )
+    if micro % mesh.size:
+        raise ValueError(
+            f"each accumulation step takes {micro} clips (batch_size {global_batch_size} / "
+            f"grad_accum_steps {grad_accum_steps}), which {mesh.size} devices cannot share "
+            "evenly; pick a batch size that is a multiple of devices × grad_accum_steps"
+        )
+    if global_batch_size % jax.process_count():
+        raise ValueError(
+            f"batch_size {global_batch_size} is not divisible by {jax.process_count()} processes"
+        )

@@ -1,0 +1,386 @@
+"""The training loop: `run(config, workdir)`.
+
+One readable loop in the style of big_vision: set up the process group and mesh, build the
+model, optimiser and data, resume from the workdir's latest checkpoint (or initialise, optionally
+from `init_from`), then step → log → validate → checkpoint until the end, a preemption
+(SIGTERM) or a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from aia_jax import modelio
+from aia_jax.train import mesh as mesh_lib
+from aia_jax.train import optim
+from aia_jax.train import step as step_lib
+from aia_jax.train.checkpoint import BEST_METRIC, Checkpoints
+from aia_jax.train.metrics import MetricWriter, Progress, note
+
+CONFIG_FILE = "config.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN/inf; the run stopped before saving it."""
+
+
+class _Preemption:
+    """Tells the loop that the job is being stopped (SIGTERM), consistently on every process.
+
+    One process: a SIGTERM handler sets a flag. Several: JAX's preemption service (started by
+    `jax.distributed.initialize`) sees the signal and makes all processes agree on a step.
+    """
+
+    def __init__(self):
+        self.multi = jax.process_count() > 1
+        self._flag = threading.Event()
+        self._previous = None
+        if not self.multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+    def reached(self, step: int) -> bool:
+        if self.multi:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # preemption service disabled
+                return False
+        return self._flag.is_set()
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _dtype(name: str):
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {name!r}")
+    return jnp.dtype(name)
+
+
+def _to_host(tree: Any) -> Any:
+    """Copies replicated arrays to numpy (works when other processes hold devices too)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def _put_replicated(tree: Any, sharding: Any) -> Any:
+    """Places identical host values on every device of every process."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+        tree,
+        sharding,
+    )
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _num_train_examples(data: Any, data_cfg: Any) -> int:
+    return int(data.num_train_examples(data_cfg))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes training) as `config` says, writing everything into `workdir`.
+
+    Args:
+      config: see `configs/common.py` for the fields.
+      workdir: checkpoints, `metrics.jsonl`, TensorBoard events, `config.json`, `model.json`.
+        A workdir holding checkpoints is resumed from its latest one.
+
+    Returns:
+      A summary: `step` reached, `preempted`, last `val_top1`/`val_top5` (when evaluated),
+      `best_step`.
+
+    Raises:
+      NonFiniteLossError: the loss or gradients became non-finite; the checkpoints in `workdir`
+        are the last good ones.
+    """
+    mesh_lib.initialize_distributed(config.get("distributed"))
+    from aia_jax import data, models  # after the process group exists
+
+    cfg = config
+    workdir = os.path.abspath(workdir)
+    main = jax.process_index() == 0
+    if main:
+        os.makedirs(workdir, exist_ok=True)
+
+    # --- Mesh and batch geometry -------------------------------------------------------------
+    mesh = mesh_lib.make_mesh()
+    batch_size, accum = cfg.batch_size, cfg.get("grad_accum_steps", 1)
+    mesh_lib.check_batch_size(batch_size, mesh, accum)
+    eval_batch_size = cfg.get("eval_batch_size") or batch_size
+    mesh_lib.check_batch_size(eval_batch_size, mesh)
+    note(
+        f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} "
+        f"device(s); global batch {batch_size} = {batch_size // mesh.size} per device"
+        + (f" in {accum} accumulation steps" if accum > 1 else "")
+    )
+
+    # --- Data ----------------------------------------------------------------------------------
+    data_cfg = data.resolve(cfg.data)
+    num_classes = data.num_classes(data_cfg)
+    steps_per_epoch = _num_train_examples(data, data_cfg) // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"fewer training examples than one batch of {batch_size}")
+    total_steps = max(1, round(cfg.num_epochs * steps_per_epoch))
+    eval_epochs = cfg.get("eval_every_epochs", 1.0)
+    eval_every = max(1, round(eval_epochs * steps_per_epoch)) if eval_epochs > 0 else 0
+    ckpt_every = cfg.get("checkpoint_every_steps", 0)
+    log_every = max(1, cfg.get("log_every_steps", 50))
+
+    # --- Model and optimiser -------------------------------------------------------------------
+    if cfg.model.num_segments != data_cfg.num_segments:
+        raise ValueError(
+            f"model.num_segments={cfg.model.num_segments} but data.num_segments="
+            f"{data_cfg.num_segments}"
+        )
+    compute_dtype = _dtype(cfg.get("dtype", "float32"))
+    create_kwargs = dict(
+        num_classes=num_classes,
+        num_segments=cfg.model.num_segments,
+        depth=cfg.model.depth,
+        width=cfg.model.width,
+        dropout=cfg.model.dropout,
+    )
+    partial_bn = bool(cfg.optimizer.get("partial_bn", False))
+    model = models.create(
+        cfg.model.name, **create_kwargs, dtype=compute_dtype, partial_bn=partial_bn
+    )
+    opt_cfg = cfg.optimizer
+    schedule = optim.make_schedule(
+        opt_cfg,
+        steps_per_epoch=steps_per_epoch,
+        num_epochs=cfg.num_epochs,
+        global_batch_size=batch_size,
+    )
+    lr = optim.scaled_learning_rate(opt_cfg.lr, opt_cfg.reference_batch_size, batch_size)
+    note(
+        f"learning rate {opt_cfg.lr:g} per {opt_cfg.reference_batch_size} clips, scaled "
+        f"linearly to {lr:g} for the global batch of {batch_size}; {total_steps} steps "
+        f"({cfg.num_epochs:g} epochs of {steps_per_epoch})"
+    )
+
+    crop = data_cfg.crop_size
+    dummy = jnp.zeros((1, cfg.model.num_segments, crop, crop, 3), compute_dtype)
+    rng = jax.random.PRNGKey(cfg.seed)
+    init_rng, dropout_rng = jax.random.split(rng)
+
+    def init_variables(key) -> dict[str, Any]:
+        variables = model.init({"params": key, "dropout": key}, dummy, train=False)
+        return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+    params_shape = jax.eval_shape(init_variables, init_rng)["params"]
+    tx = optim.make_optimizer(opt_cfg, params_shape, schedule)
+
+    def init_state(key) -> step_lib.TrainState:
+        variables = init_variables(key)
+        return step_lib.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            opt_state=tx.init(variables["params"]),
+            rng=dropout_rng,
+        )
+
+    abstract_state = jax.eval_shape(init_state, init_rng)
+    state_sharding = step_lib.state_sharding(abstract_state, mesh)
+    if main:
+        sizes = optim.group_sizes(params_shape, partial_bn=partial_bn)
+        note(f"{cfg.model.name}: {sum(sizes.values()):,} parameters; optimiser groups {sizes}")
+
+    # --- Resume, or initialise ----------------------------------------------------------------
+    train_iter = data.make_train_iterator(
+        data_cfg,
+        global_batch_size=batch_size,
+        seed=cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    ckpts = Checkpoints(workdir, keep=cfg.get("keep_checkpoints", 2))
+    latest = ckpts.latest_step()
+    if latest is not None:
+        note(f"resuming from {ckpts.directory}/{latest}")
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state,
+            state_sharding,
+        )
+        state = ckpts.restore(latest, target, train_iter)
+    else:
+        state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
+        if cfg.get("init_from"):
+            state = _init_from(cfg.init_from, model, state, state_sharding)
+    start_step = int(_to_host(state.step))
+
+    if main:
+        _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(cfg.to_json_best_effort()))
+        modelio.write_meta(workdir, modelio.model_meta(cfg.model.name, **create_kwargs))
+
+    # --- Steps ---------------------------------------------------------------------------------
+    normalize = data.normalize
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(
+            model, tx, normalize=normalize, compute_dtype=compute_dtype, grad_accum_steps=accum
+        ),
+        mesh,
+        state_sharding,
+    )
+    eval_step = step_lib.jit_eval_step(
+        step_lib.make_eval_step(model, normalize=normalize, compute_dtype=compute_dtype), mesh
+    )
+
+    def evaluate(state: step_lib.TrainState) -> dict[str, float]:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        it = data.make_eval_iterator(
+            data_cfg,
+            split="val",
+            global_batch_size=eval_batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        totals = None
+        for batch in it:
+            batch = {k: batch[k] for k in ("video", "label", "valid")}
+            out = eval_step(variables, data.to_global(batch, mesh))
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        if totals is None:
+            return {}
+        totals = {k: float(v) for k, v in _to_host(totals).items()}
+        n = max(totals["count"], 1.0)
+        return {
+            "val_top1": totals["top1"] / n,
+            "val_top5": totals["top5"] / n,
+            "val_loss": totals["loss_sum"] / n,
+            "val_count": int(totals["count"]),
+        }
+
+    writer = MetricWriter(workdir, resume_step=start_step)
+    progress = Progress(total_steps, start_step, batch_size)
+    preemption = _Preemption()
+    pending: list[dict[str, jax.Array]] = []
+    last_val: dict[str, float] = {}
+    step = start_step
+    preempted = False
+
+    def flush() -> None:
+        """Fetches the metrics of the steps since the last flush; stops on non-finite values."""
+        if not pending:
+            return
+        values = [{k: float(v) for k, v in m.items()} for m in _to_host(pending)]
+        pending.clear()
+        first = step - len(values) + 1
+        for i, m in enumerate(values):
+            if not all(np.isfinite(m[k]) for k in ("loss", "grad_norm", "param_norm")):
+                ckpts.wait()
+                good = ckpts.latest_step()
+                raise NonFiniteLossError(
+                    f"non-finite training loss {m['loss']} (gradient norm {m['grad_norm']}, "
+                    f"parameter norm {m['param_norm']}) at step {first + i}; stopping without "
+                    "saving it. The last good checkpoint is "
+                    f"{'step ' + str(good) if good is not None else 'none'} in "
+                    f"{ckpts.directory}. Lower optimizer.lr, raise warmup_epochs or check the data."
+                )
+        mean = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
+        lr = float(schedule(step - 1))
+        rate = progress.update(
+            step,
+            loss=mean["loss"],
+            lr=lr,
+            top1=mean["top1"],
+            **({"val": last_val["val_top1"]} if last_val else {}),
+        )
+        writer.write(
+            step,
+            {
+                "epoch": step / steps_per_epoch,
+                "train/loss": mean["loss"],
+                "train/top1": mean["top1"],
+                "train/grad_norm": mean["grad_norm"],
+                "train/param_norm": values[-1]["param_norm"],
+                "lr": lr,
+                "clips_per_sec": rate,
+            },
+        )
+
+    train_batches: Iterator[dict[str, np.ndarray]] = iter(train_iter)
+    try:
+        while step < total_steps:
+            batch = data.to_global(next(train_batches), mesh)
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            step += 1
+
+            if preemption.reached(step):
+                flush()
+                ckpts.save(step, state, train_iter)
+                progress.write(f"Preempted: saved step {step} to {ckpts.directory}; exiting.")
+                preempted = True
+                break
+            evaluate_now = eval_every > 0 and (step % eval_every == 0 or step == total_steps)
+            save_now = (
+                evaluate_now or step == total_steps or (ckpt_every > 0 and step % ckpt_every == 0)
+            )
+            if save_now or step % log_every == 0:
+                flush()
+            if evaluate_now:
+                last_val = evaluate(state)
+                if last_val:
+                    writer.write(
+                        step,
+                        {
+                            "epoch": step / steps_per_epoch,
+                            **{k.replace("val_", "val/"): v for k, v in last_val.items()},
+                        },
+                    )
+                    progress.write(
+                        f"step {step}: val top-1 {last_val['val_top1']:.4f} "
+                        f"top-5 {last_val['val_top5']:.4f} "
+                        f"({last_val['val_count']} videos)"
+                    )
+            if save_now:
+                metrics = (
+                    {BEST_METRIC: last_val[BEST_METRIC]} if evaluate_now and last_val else None
+                )
+                ckpts.save(step, state, train_iter, metrics=metrics)
+        flush()
+    finally:
+        preemption.close()
+        progress.close()
+        writer.close()
+        ckpts.close()
+
+    return {"step": step, "preempted": preempted, "best_step": ckpts.best_step(), **last_val}
+
+
+def _init_from(
+    path: str, model: Any, state: step_lib.TrainState, sharding: step_lib.TrainState
+) -> step_lib.TrainState:
+    """Copies matching tensors of a model directory/workdir into a fresh state."""
+    loaded = modelio.load_for_init(path, model)
+    fresh = _to_host({"params": state.params, "batch_stats": state.batch_stats})
+    merged, copied, kept = modelio.merge_for_init(fresh, loaded)
+    note(
+        f"init_from {path}: copied {len(copied)} tensors, kept the initial value of "
+        f"{len(kept)}: " + ", ".join(kept[:20]) + (" …" if len(kept) > 20 else "")
+    )
+    if not copied:
+        raise ValueError(f"init_from={path!r}: no tensor matches the model being trained")
+    placed = _put_replicated(
+        merged, {"params": sharding.params, "batch_stats": sharding.batch_stats}
+    )
+    return state.replace(params=placed["params"], batch_stats=placed["batch_stats"])

@@ -1,0 +1,411 @@
+"""Shared pieces of the benchmarks: environment record, timing, and the JAX / PyTorch networks.
+
+The JAX side is `aia_jax.models.create`; the PyTorch side is the independent re-implementation
+of the release in `tests/torch_reference.py`, run as the release runs it (eager `model(x)`,
+float32 or `torch.autocast('cpu', dtype=torch.bfloat16)`).
+
+Not part of the test suite: nothing here asserts, everything here times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import functools
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/x.py` from the repository root
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from aia_jax import models  # noqa: E402
+from aia_jax.models import attention, resnet  # noqa: E402
+
+NUM_CLASSES = 174
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Forms and placements the benchmarks know; the release has no I3D (no PyTorch numbers there).
+FORMS = ("C2D", "TSM", "I3D")
+TORCH_FORMS = ("C2D", "TSM")
+
+
+def model_name(form: str, placement: str) -> str:
+    """`TSM` + `CinST` → `TSM_CinST_BN`; `none` is the plain backbone."""
+    return form if placement == "none" else f"{form}_{placement}_BN"
+
+
+# --- environment ----------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """`Model name` of lscpu, e.g. 'AMD EPYC'."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def environment() -> dict[str, Any]:
+    """Machine, versions, date and load: recorded beside every table."""
+    import flax
+    import jaxlib
+
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "loadavg_start": os.getloadavg(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def print_environment(info: dict[str, Any]) -> None:
+    print("| key | value |\n|---|---|")
+    for k, v in info.items():
+        print(f"| {k} | {v} |")
+    print()
+
+
+# --- peak FLOP/s (for MFU) ------------------------------------------------------------------
+
+# Dense peak of one accelerator, FLOP/s, by dtype (vendor data sheets, SXM parts, no sparsity).
+GPU_PEAKS = {
+    "H100": {"bfloat16": 989e12, "float32": 67e12},
+    "H200": {"bfloat16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_mhz() -> float:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":", 1)[1])
+    except OSError:
+        pass
+    return float("nan")
+
+
+def assumed_peak(dtype: str, override_tflops: float | None = None) -> tuple[float, str]:
+    """Peak FLOP/s assumed for MFU, and how it was derived (printed beside the tables).
+
+    CPU: cores × clock × FLOP/cycle, with 2 FMA pipes × 16 float32 lanes × 2 = 64 FLOP/cycle
+    per core for AVX-512 (32 for AVX2) and the clock /proc/cpuinfo reports (the TSC rate in a
+    VM: boost clocks above it would make the true peak higher). The same figure is used for
+    bf16: XLA:CPU's bf16 kernels are not assumed to double the rate.
+    """
+    if override_tflops:
+        return override_tflops * 1e12, f"given: {override_tflops} TFLOP/s"
+    if jax.default_backend() == "gpu":
+        kind = jax.devices()[0].device_kind
+        for name, peaks in GPU_PEAKS.items():
+            if name in kind:
+                return peaks[dtype], f"{kind}: {peaks[dtype] / 1e12:g} TFLOP/s dense {dtype}"
+        return float("nan"), f"{kind}: unknown peak (pass --peak-tflops)"
+    flags = _cpu_flags()
+    per_cycle = 64 if "avx512f" in flags else 32 if "avx2" in flags else 8
+    cores, mhz = os.cpu_count() or 1, _cpu_mhz()
+    peak = cores * mhz * 1e6 * per_cycle
+    how = f"{cores} cores × {mhz / 1e3:.2f} GHz × {per_cycle} FLOP/cycle = {peak / 1e9:.0f} GFLOP/s"
+    return peak, how
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+
+def median_ms(times: Sequence[float]) -> float:
+    return float(np.median(times)) * 1e3
+
+
+def min_ms(times: Sequence[float]) -> float:
+    return float(np.min(times)) * 1e3
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]], warmup: int, reps: int
+) -> dict[str, list[float]]:
+    """Wall-clock seconds of each function, run round-robin so that load changes hit all alike.
+
+    Every function must block until its result is ready.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _malloc_in_use() -> int:
+    """Bytes the C heap has handed out and not taken back (glibc `mallinfo2`), or -1."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return -1
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+@contextlib.contextmanager
+def heap_peak() -> Iterator[dict[str, int]]:
+    """Samples the C heap in use every millisecond; yields {'base', 'peak'} bytes.
+
+    Used for PyTorch, whose CPU allocator keeps no peak counter (and whose freed blocks glibc
+    keeps, so the resident set does not show a step's activations). `peak - base` is what a
+    step allocates on top of what was live before it: activations, gradients, workspace.
+    """
+    out = {"base": _malloc_in_use(), "peak": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            out["peak"] = max(out["peak"], _malloc_in_use())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        t.join()
+        out["peak"] = max(out["peak"], _malloc_in_use())
+
+
+# --- JAX ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def attention_impl(impl: str | None) -> Iterator[None]:
+    """Builds networks whose attention uses `impl` ('xla' or 'fused'; None: the default).
+
+    `create()` does not take `impl` (yet); the bottleneck calls `apply_placement` through the
+    `resnet` module's global, which is swapped here while a network is traced.
+    """
+    if impl is None:
+        yield
+        return
+    original = resnet.apply_placement
+    resnet.apply_placement = functools.partial(attention.apply_placement, impl=impl)
+    try:
+        yield
+    finally:
+        resnet.apply_placement = original
+
+
+def jax_clips(batch: int, frames: int, size: int, seed: int = 0) -> jax.Array:
+    x = np.random.default_rng(seed).normal(size=(batch, frames, size, size, 3))
+    return jnp.asarray(x, jnp.float32)
+
+
+def jax_model(name: str, dtype: str, frames: int = 8) -> models.VideoNet:
+    return models.create(name, num_classes=NUM_CLASSES, num_segments=frames, dtype=DTYPES[dtype])
+
+
+def jax_variables(model: models.VideoNet, clips: jax.Array, impl: str | None) -> Any:
+    with attention_impl(impl):
+        return jax.jit(lambda k: model.init(k, clips[:1], train=False))(jax.random.key(0))
+
+
+def compile_timed(fn: Callable, *args: Any, impl: str | None, **jit_kw: Any):
+    """`jax.jit(fn).lower(*args).compile()` and the seconds it took."""
+    t0 = time.perf_counter()
+    with attention_impl(impl):
+        compiled = jax.jit(fn, **jit_kw).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def cost(compiled: Any) -> dict[str, float]:
+    """FLOPs and bytes of XLA's cost analysis, and the compiled memory footprint."""
+    ca = compiled.cost_analysis()
+    if isinstance(ca, list | tuple):  # older jax returned one dict per device
+        ca = ca[0]
+    out = {"flops": float(ca.get("flops", float("nan")))}
+    try:
+        ma = compiled.memory_analysis()
+        out["temp_bytes"] = float(ma.temp_size_in_bytes)
+        out["arg_bytes"] = float(ma.argument_size_in_bytes)
+        out["out_bytes"] = float(ma.output_size_in_bytes)
+        out["alias_bytes"] = float(ma.alias_size_in_bytes)
+        out["peak_bytes"] = out["temp_bytes"] + out["arg_bytes"] + out["out_bytes"]
+        out["peak_bytes"] -= out["alias_bytes"]
+    except (AttributeError, NotImplementedError):
+        pass
+    return out
+
+
+def inference_fn(model: models.VideoNet) -> Callable:
+    return lambda variables, clips: model.apply(variables, clips, train=False)
+
+
+def train_step_fn(model: models.VideoNet, lr: float = 0.01) -> Callable:
+    """One SGD step (momentum 0.9, weight decay 1e-4, as the release) on cross-entropy.
+
+    State `(params, batch_stats, momentum, rng)`; meant to be jitted with the state donated.
+    """
+
+    def loss_fn(params, batch_stats, clips, labels, rng):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            clips,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": rng},
+        )
+        logp = jax.nn.log_softmax(logits)
+        loss = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+        return loss, updates["batch_stats"]
+
+    def step(state, clips, labels):
+        params, batch_stats, momentum, rng = state
+        rng, sub = jax.random.split(rng)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, batch_stats), grads = grad_fn(params, batch_stats, clips, labels, sub)
+        momentum = jax.tree_util.tree_map(
+            lambda m, g, p: 0.9 * m + g + 1e-4 * p, momentum, grads, params
+        )
+        params = jax.tree_util.tree_map(lambda p, m: p - lr * m, params, momentum)
+        return (params, batch_stats, momentum, rng), loss
+
+    return step
+
+
+def train_state(variables: Any) -> tuple:
+    params = variables["params"]
+    momentum = jax.tree_util.tree_map(jnp.zeros_like, params)
+    return (params, variables["batch_stats"], momentum, jax.random.key(1))
+
+
+# --- PyTorch --------------------------------------------------------------------------------
+
+
+def torch_model(name: str, frames: int = 8):
+    from tests import torch_reference
+
+    return torch_reference.build(name, NUM_CLASSES, num_segments=frames, depth=50)
+
+
+def torch_clips(batch: int, frames: int, size: int, seed: int = 0):
+    import torch
+
+    x = np.random.default_rng(seed).normal(size=(batch, frames, 3, size, size))
+    return torch.from_numpy(x.astype(np.float32))
+
+
+def torch_inference(model, clips, dtype: str) -> Callable[[], Any]:
+    import torch
+
+    model.eval()
+
+    def run():
+        with torch.no_grad(), _autocast(dtype):
+            return model(clips)
+
+    return run
+
+
+def torch_train_step(model, clips, labels, dtype: str) -> Callable[[], Any]:
+    import torch
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        with _autocast(dtype):
+            logits = model(clips)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return run
+
+
+def _autocast(dtype: str):
+    import torch
+
+    if dtype == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def csv(values: str) -> list[str]:
+    return [v for v in values.split(",") if v]
+
+
+def add_common_flags(parser) -> None:
+    """The flags every benchmark takes, so that one command runs on CPU and on GPU alike."""
+    parser.add_argument("--forms", type=csv, default=list(FORMS), help="C2D,TSM,I3D")
+    parser.add_argument("--placements", type=csv, default=["none", "CinST", "STinC"])
+    parser.add_argument("--dtype", type=csv, default=["float32", "bfloat16"], help="dtypes")
+    parser.add_argument("--batch-sizes", type=lambda s: [int(v) for v in csv(s)], default=[1, 2])
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--impl", default=None, help="attention impl: xla | fused (default)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU")
+    parser.add_argument("--json", default=None, help="append raw results (JSON lines) here")

@@ -1,0 +1,145 @@
+"""The attention's own cost: each placement's time over the plain backbone, JAX and PyTorch.
+
+    python bench/overhead.py                                   # TSM, f32, batch 1, 5 placements
+    python bench/overhead.py --impls xla --placements none,CinST,STinC --reps 3 --no-torch
+
+Every network of the table (each placement, each JAX `--impls`, and the PyTorch reference) is
+built and compiled first, then all are timed round-robin — one repetition of each in turn,
+`--reps` times — so that a change of machine load lands on every column alike. The overhead
+of a placement is its time over the plain backbone's ('none') of the same framework and impl,
+from the medians and from the minima (the least disturbed repetition).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+
+import common
+import jax
+import jax.numpy as jnp
+
+DEFAULT_PLACEMENTS = ["none", "CinST", "STinC", "CinST2STinC", "STinCplusCinST"]
+
+
+def build(args, form: str, dtype: str, batch: int, mode: str) -> tuple[dict, dict]:
+    """Compiled steps keyed by (framework, placement); and their compile seconds."""
+    fns, compile_s = {}, {}
+    clips = common.jax_clips(batch, args.frames, args.size)
+    labels = jnp.arange(batch, dtype=jnp.int32) % common.NUM_CLASSES
+    for impl in args.impls:
+        for placement in args.placements:
+            name = common.model_name(form, placement)
+            model = common.jax_model(name, dtype, args.frames)
+            variables = common.jax_variables(model, clips, impl)
+            key = (f"jax-{impl}", placement)
+            if mode == "infer":
+                compiled, secs = common.compile_timed(
+                    common.inference_fn(model), variables, clips, impl=impl
+                )
+                fns[key] = lambda c=compiled, v=variables: c(v, clips).block_until_ready()
+            else:
+                box = [common.train_state(variables)]
+                compiled, secs = common.compile_timed(
+                    common.train_step_fn(model),
+                    box[0],
+                    clips,
+                    labels,
+                    impl=impl,
+                    donate_argnums=(0,),
+                )
+
+                def step(c=compiled, box=box):
+                    box[0], loss = c(box[0], clips, labels)
+                    jax.block_until_ready((box[0], loss))
+
+                fns[key] = step
+            compile_s[key] = secs
+            print(f"compiled {key} in {secs:.1f} s", flush=True)
+    if not args.no_torch and form in common.TORCH_FORMS:
+        import torch
+
+        tclips = common.torch_clips(batch, args.frames, args.size)
+        tlabels = torch.arange(batch) % common.NUM_CLASSES
+        for placement in args.placements:
+            model = common.torch_model(common.model_name(form, placement), args.frames)
+            if mode == "infer":
+                fns[("torch", placement)] = common.torch_inference(model, tclips, dtype)
+            else:
+                fns[("torch", placement)] = common.torch_train_step(model, tclips, tlabels, dtype)
+    return fns, compile_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_flags(parser)
+    parser.add_argument("--modes", type=common.csv, default=["infer", "train"])
+    parser.add_argument("--impls", type=common.csv, default=["fused"], help="fused,xla")
+    parser.set_defaults(
+        forms=["TSM"], placements=DEFAULT_PLACEMENTS, dtype=["float32"], batch_sizes=[1], reps=7
+    )
+    args = parser.parse_args()
+
+    env = common.environment()
+    common.print_environment(env)
+    tables = []
+    for form in args.forms:
+        for dtype in args.dtype:
+            for batch in args.batch_sizes:
+                for mode in args.modes:
+                    fns, compile_s = build(args, form, dtype, batch, mode)
+                    load0 = os.getloadavg()
+                    times = common.interleaved(
+                        {f"{k[0]}/{k[1]}": f for k, f in fns.items()}, args.warmup, args.reps
+                    )
+                    rows = []
+                    for (fw, placement), _ in fns.items():
+                        ts = times[f"{fw}/{placement}"]
+                        base = times.get(f"{fw}/none")
+                        row = {"form": form, "dtype": dtype, "batch": batch, "mode": mode}
+                        row |= {"framework": fw, "placement": placement}
+                        row |= {"ms_median": common.median_ms(ts), "ms_min": common.min_ms(ts)}
+                        row["ms_all"] = [round(t * 1e3, 1) for t in ts]
+                        row["compile_s"] = compile_s.get((fw, placement))
+                        if base:
+                            row["overhead_median_pct"] = 100 * (
+                                row["ms_median"] / common.median_ms(base) - 1
+                            )
+                            row["overhead_min_pct"] = 100 * (
+                                row["ms_min"] / common.min_ms(base) - 1
+                            )
+                        row["loadavg_before_after"] = (load0, os.getloadavg())
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                        if args.json:
+                            with open(args.json, "a") as f:
+                                f.write(json.dumps({"table": "overhead", **row, "env": env}) + "\n")
+                    tables.append(((form, dtype, batch, mode), rows))
+                    del fns
+                    gc.collect()
+
+    for (form, dtype, batch, mode), rows in tables:
+        print(f"\n### {form} {dtype} batch {batch}, {mode}\n")
+        frameworks = list(dict.fromkeys(r["framework"] for r in rows))
+        head = "| placement |" + "".join(
+            f" {fw} ms median (min) | {fw} overhead median (min) |" for fw in frameworks
+        )
+        print(head)
+        print("|" + "---|" * (head.count("|") - 1))
+        for placement in args.placements:
+            line = f"| {placement} |"
+            for fw in frameworks:
+                r = next(r for r in rows if r["framework"] == fw and r["placement"] == placement)
+                line += f" {r['ms_median']:.0f} ({r['ms_min']:.0f}) |"
+                if placement == "none" or "overhead_median_pct" not in r:
+                    line += " – |"
+                else:
+                    line += f" {r['overhead_median_pct']:+.1f} % ({r['overhead_min_pct']:+.1f} %) |"
+            print(line)
+    print(f"\nloadavg at end: {tuple(round(v, 2) for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

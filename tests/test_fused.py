@@ -1,0 +1,160 @@
+"""The fused gate primitives equal the plain XLA formulation in value and gradient (float32)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aia_jax import models
+from aia_jax.models import fused
+from aia_jax.models.attention import PLACEMENTS, UNIT_GATES, pool_max_mean
+
+SHAPE = (2, 3, 5, 4, 6)  # [b, t, h, w, c], all different so any axis mix-up shows
+
+
+def _normal(seed: int, shape, dtype=jnp.float32) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
+
+
+def _close(got, want, rtol=1e-5, atol=1e-6, err_msg=""):
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol, atol, err_msg=err_msg
+        )
+
+
+def _ref_pool(x, axes):
+    return tuple((pool_max_mean(x, a)[..., 0], pool_max_mean(x, a)[..., 1]) for a in axes)
+
+
+@pytest.mark.parametrize("axes", [(1,), (4,), (1, 2, 3), (1, 2, 3, 4)], ids=str)
+def test_pool_value_and_gradient(axes):
+    x = _normal(0, SHAPE)
+    cts = jax.tree_util.tree_map(lambda s: _normal(1, s.shape), _ref_pool(x, axes))
+
+    def loss(f, x):
+        leaves = zip(jax.tree_util.tree_leaves(f(x, axes)), jax.tree_util.tree_leaves(cts))
+        return sum(jnp.vdot(a, b) for a, b in leaves)
+
+    _close(fused.pool(x, axes), _ref_pool(x, axes))
+    _close(jax.grad(lambda x: loss(fused.pool, x))(x), jax.grad(lambda x: loss(_ref_pool, x))(x))
+
+
+def test_pool_ties_share_the_gradient_like_jnp_max():
+    # Integer-valued map: many ties along every axis.
+    x = jnp.asarray(np.random.default_rng(2).integers(0, 3, size=SHAPE), jnp.float32)
+    axes = (1, 2, 3, 4)
+    want = jax.grad(
+        lambda x: sum(jnp.sum(m * (i + 1)) for i, (m, _) in enumerate(_ref_pool(x, axes)))
+    )(x)
+    got = jax.grad(
+        lambda x: sum(jnp.sum(m * (i + 1)) for i, (m, _) in enumerate(fused.pool(x, axes)))
+    )(x)
+    _close(got, want)
+
+
+def _lax_conv(p_max, p_mean, kernel):
+    pooled = jnp.stack([p_max, p_mean], axis=-1)
+    out = jax.lax.conv_general_dilated(
+        pooled, kernel, (1, 1, 1), ((1, 1),) * 3, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+    )
+    return out[..., 0]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 1, 1, 1), (1, 7, 2, 9)], ids=str)
+def test_gate_conv_value_and_gradient(shape):
+    p_max, p_mean, dout = _normal(3, shape), _normal(4, shape), _normal(5, shape)
+    kernel = _normal(6, (3, 3, 3, 2, 1))
+    _close(fused.gate_conv(p_max, p_mean, kernel), _lax_conv(p_max, p_mean, kernel), 1e-5, 1e-5)
+    _, vjp_fused = jax.vjp(fused.gate_conv, p_max, p_mean, kernel)
+    _, vjp_ref = jax.vjp(_lax_conv, p_max, p_mean, kernel)
+    _close(vjp_fused(dout), vjp_ref(dout), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "axes,weights", [((4,), (1.0,)), ((1, 2, 3), (1 / 3,) * 3), ((1,), (1.0,))], ids=str
+)
+def test_gate_product_value_and_gradient(axes, weights):
+    x, dout = _normal(7, SHAPE), _normal(8, SHAPE)
+    gates = tuple(jax.nn.sigmoid(_normal(9 + i, np.delete(SHAPE, a))) for i, a in enumerate(axes))
+
+    def ref(x, gates):
+        return x * sum(w * jnp.expand_dims(g, a) for g, a, w in zip(gates, axes, weights))
+
+    _close(fused.gate_product(x, gates, axes, weights), ref(x, gates))
+    _, vjp_fused = jax.vjp(lambda x, g: fused.gate_product(x, g, axes, weights), x, gates)
+    _, vjp_ref = jax.vjp(ref, x, gates)
+    _close(vjp_fused(dout), vjp_ref(dout))
+
+
+def _variables(module, x, seed=0):
+    variables = module.init(jax.random.key(seed), x, train=False)
+    # Non-trivial BN statistics and affine parameters in every gate.
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [
+        jnp.abs(v) + 0.5 + 0.3 * jax.random.uniform(k, v.shape) if v.ndim == 1 else v
+        for k, v in zip(keys, leaves)
+    ]
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def _unit_pair(module_cls, name, x, train):
+    fast, plain = module_cls(name, impl="fused"), module_cls(name, impl="xla")
+    variables = _variables(plain, x)
+    assert jax.tree_util.tree_structure(fast.init(jax.random.key(0), x, train=False)) == (
+        jax.tree_util.tree_structure(variables)
+    )
+
+    def run(module):
+        def f(params, x):
+            v = {"params": params, "batch_stats": variables["batch_stats"]}
+            if train:
+                y, upd = module.apply(v, x, train=True, mutable=["batch_stats"])
+                return y, upd
+            return module.apply(v, x, train=False), {}
+
+        y, vjp, upd = jax.vjp(f, variables["params"], x, has_aux=True)
+        return y, upd, vjp(_normal(11, x.shape))
+
+    return run(fast), run(plain)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("unit", list(UNIT_GATES))
+def test_unit_fused_equals_xla(unit, train):
+    x = _normal(10, SHAPE)
+    (y_f, upd_f, grads_f), (y_x, upd_x, grads_x) = _unit_pair(models.AttentionUnit, unit, x, train)
+    _close(y_f, y_x, err_msg="value")
+    _close(upd_f, upd_x, err_msg="batch_stats")
+    _close(grads_f, grads_x, 1e-4, 1e-5, err_msg="gradient")
+
+
+@pytest.mark.parametrize("placement", [p for p in PLACEMENTS if p != "none"])
+def test_placement_fused_equals_xla_in_training(placement):
+    x = _normal(12, (1, 4, 6, 6, 16))
+    (y_f, upd_f, grads_f), (y_x, upd_x, grads_x) = _unit_pair(models.Attention, placement, x, True)
+    _close(y_f, y_x, err_msg="value")
+    _close(upd_f, upd_x, err_msg="batch_stats")
+    _close(grads_f, grads_x, 1e-4, 1e-5, err_msg="gradient")
+
+
+def test_bf16_fused_is_close_to_xla():
+    x = _normal(13, SHAPE, jnp.bfloat16)
+    make = lambda impl: models.AttentionUnit("CinST", dtype=jnp.bfloat16, impl=impl)  # noqa: E731
+    variables = _variables(make("xla"), x)
+    y_f = make("fused").apply(variables, x, train=False)
+    y_x = make("xla").apply(variables, x, train=False)
+    assert y_f.dtype == y_x.dtype == jnp.bfloat16
+    _close(y_f, y_x, 2e-2, 2e-2)
+
+
+def test_default_impl_is_fused_and_parameters_are_shared():
+    assert models.AttentionUnit("C").impl == "fused"
+    x = _normal(14, SHAPE)
+
+    def shapes(impl):
+        module = models.Attention("STinCplusCinST", impl=impl)
+        return jax.tree_util.tree_map(jnp.shape, module.init(jax.random.key(0), x, train=False))
+
+    assert shapes("fused") == shapes("xla")

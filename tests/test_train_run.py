@@ -1,0 +1,239 @@
+"""End to end: `aia_jax.train.run` on the synthetic data — outputs, resume, preemption, failures.
+
+Every run here uses the same tiny config (TSM_CinST_BN, depth 14, width 8, 4 frames of 32×32,
+64 training videos, batch 16 over the 8 fake devices: 4 steps per epoch, 12 steps in all), and a
+persistent compilation cache shared with the subprocesses, so that repeated runs compile once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from aia_jax import modelio, train
+from aia_jax.train.checkpoint import Checkpoints
+from aia_jax.train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def tiny_config(data_dir: str):
+    from configs import default
+
+    c = default.get_config()
+    c.data.data_dir = data_dir
+    c.data.synthetic_num_train = 64
+    c.data.synthetic_num_val = 24
+    c.data.resize = (32, 32)
+    c.data.crop_size = 32
+    c.data.scales = (1.0, 0.875)
+    c.data.num_segments = 4
+    c.data.num_workers = 0
+    c.model.width = 8
+    c.batch_size = 16
+    c.num_epochs = 3.0
+    c.eval_every_epochs = 1.0
+    c.checkpoint_every_steps = 2
+    c.log_every_steps = 1
+    c.keep_checkpoints = 2
+    c.optimizer.warmup_epochs = 0.0
+    return c
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """The synthetic dataset and a compilation cache, shared by every run of the session."""
+    base = tmp_path_factory.mktemp("train_run")
+    data_dir, cache = str(base / "tfds"), str(base / "jax_cache")
+    from aia_jax.data import synthetic
+
+    synthetic.prepare(data_dir, 64, 24, 0)
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return {"data_dir": data_dir, "cache": cache}
+
+
+@pytest.fixture(scope="session")
+def reference(env, tmp_path_factory):
+    """One uninterrupted run: the workdir every interrupted run is compared with."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    summary = train.run(tiny_config(env["data_dir"]), workdir)
+    return workdir, summary
+
+
+def launch(env, workdir, *, slow=0.0, overrides=""):
+    """Starts `run` in a subprocess; `slow` seconds of sleep per batch (a slow input pipeline)."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+        import jax
+        jax.config.update("jax_compilation_cache_dir", {env["cache"]!r})
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        import aia_jax.data as data
+        from aia_jax.train import run
+        import test_train_run as t
+        to_global = data.to_global
+        def slow_to_global(batch, mesh):
+            time.sleep({slow})
+            return to_global(batch, mesh)
+        data.to_global = slow_to_global
+        c = t.tiny_config({env["data_dir"]!r})
+        {overrides}
+        print("SUMMARY", run(c, {workdir!r}), flush=True)
+    """)
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def wait_for_checkpoint(workdir, proc, min_step, timeout=300):
+    """Polls until a finished checkpoint of at least `min_step` exists (Orbax renames the
+    temporary directory only when it is complete)."""
+    directory = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early:\n{proc.stdout.read()}")
+        if os.path.isdir(directory):
+            steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+            if steps and max(steps) >= min_step:
+                return max(steps)
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint in time")
+
+
+def final_params(workdir, step=12):
+    variables, meta = modelio.load_model(workdir, step=step)
+    assert meta["step"] == step
+    return variables
+
+
+def assert_same_run(workdir, reference_dir, after_step):
+    """Same final parameters and statistics, and the same metrics after `after_step`."""
+    a, b = final_params(workdir), final_params(reference_dir)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    drop = ("clips_per_sec",)
+    got = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(workdir)]
+    want = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(reference_dir)]
+    assert [r for r in got if r["step"] > after_step] == [r for r in want if r["step"] > after_step]
+    assert [r["step"] for r in got] == [r["step"] for r in want]  # no duplicated records
+
+
+def test_end_to_end_outputs(reference):
+    workdir, summary = reference
+    assert summary["step"] == 12 and not summary["preempted"]
+    assert 0.0 <= summary["val_top1"] <= 1.0 and summary["val_count"] == 24
+    for name in ("config.json", "model.json", "metrics.jsonl"):
+        assert os.path.isfile(os.path.join(workdir, name))
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    assert config["model"]["name"] == "TSM_CinST_BN" and config["batch_size"] == 16
+    meta = modelio.read_meta(workdir)
+    assert meta["name"] == "TSM_CinST_BN" and meta["num_classes"] == 12 and meta["depth"] == 14
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 13))
+    val = [r for r in records if "val/top1" in r]
+    assert [r["step"] for r in val] == [4, 8, 12] and all(r["val/count"] == 24 for r in val)
+    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+        steps = ckpts.all_steps()
+        best = ckpts.best_step()
+    finally:
+        ckpts.close()
+    best_val = max(val, key=lambda r: r["val/top1"])  # the first of equals is kept: ties → min
+    assert 12 in steps and 10 in steps and best in steps  # newest two plus the best
+    assert [r["val/top1"] for r in val if r["step"] == best][0] == best_val["val/top1"]
+    assert summary["best_step"] == best
+    # A model directory written from the workdir loads back the same variables.
+    variables, meta = modelio.load_model(workdir, step=12)
+    out = os.path.join(os.path.dirname(workdir), "exported")
+    modelio.save_model(out, variables, modelio.read_meta(workdir))
+    again, meta2 = modelio.load_model(out)
+    jax.tree.map(np.testing.assert_array_equal, variables, again)
+    assert meta2["name"] == "TSM_CinST_BN"
+
+
+def test_resume_after_completion_and_stale_temporary(env, reference, tmp_path):
+    """A finished workdir resumes as a no-op; a half-written save (Orbax's temporary directory,
+    as a crash mid-save leaves it) is ignored and removed."""
+    import shutil
+
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference[0], workdir)
+    stale = os.path.join(workdir, "checkpoints", "14.orbax-checkpoint-tmp-123", "state")
+    os.makedirs(stale)
+    with open(os.path.join(stale, "garbage"), "w") as f:
+        f.write("half written")
+    summary = train.run(tiny_config(env["data_dir"]), workdir)
+    assert summary["step"] == 12
+    assert not os.path.exists(os.path.dirname(stale))
+    assert_same_run(workdir, reference[0], after_step=12)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(env, reference, tmp_path):
+    workdir = str(tmp_path / "w")
+    proc = launch(env, workdir, slow=0.4)
+    killed_after = wait_for_checkpoint(workdir, proc, min_step=6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed_after < 12
+    summary = train.run(tiny_config(env["data_dir"]), workdir)
+    assert summary["step"] == 12
+    assert_same_run(workdir, reference[0], after_step=killed_after)
+
+
+def test_sigterm_saves_and_exits_then_resume_matches(env, reference, tmp_path):
+    workdir = str(tmp_path / "w")
+    proc = launch(env, workdir, slow=0.4)
+    wait_for_checkpoint(workdir, proc, min_step=2)
+    time.sleep(0.5)  # stop between two periodic checkpoints
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "'preempted': True" in out, out
+    ckpts = Checkpoints(workdir, read_only=True)
+    saved = ckpts.latest_step()
+    ckpts.close()
+    assert 2 <= saved < 12
+    summary = train.run(tiny_config(env["data_dir"]), workdir)
+    assert summary["step"] == 12
+    assert_same_run(workdir, reference[0], after_step=saved)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path):
+    workdir = str(tmp_path / "w")
+    c = tiny_config(env["data_dir"])
+    c.num_epochs = 1.0  # 4 steps, checkpoint at 4
+    c.eval_every_epochs = 0.0
+    train.run(c, workdir)
+    c.num_epochs = 3.0
+    c.optimizer.lr = float("nan")  # the next update makes every parameter NaN
+    with pytest.raises(
+        train.NonFiniteLossError,
+        match=r"at step 5.*last good checkpoint is "
+        r"step 4",
+    ):
+        train.run(c, workdir)
+    ckpts = Checkpoints(workdir, read_only=True)
+    assert ckpts.all_steps() == [2, 4]
+    ckpts.close()
+    variables, _ = modelio.load_model(workdir)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))

@@ -1,0 +1,205 @@
+"""The jitted train step: sharded over 8 devices == one device; accumulation; partial BN; bf16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from aia_jax import models
+from aia_jax.train import mesh as mesh_lib
+from aia_jax.train import optim
+from aia_jax.train import step as step_lib
+
+T, S, CLASSES = 4, 32, 5
+OPT = dict(
+    lr=0.1,
+    reference_batch_size=8,
+    momentum=0.9,
+    weight_decay=1e-4,
+    schedule="step",
+    lr_steps=(),
+    warmup_epochs=0,
+    clip_grad_norm=20.0,
+    partial_bn=False,
+)
+
+
+def normalize(video, dtype):
+    return ((video.astype(jnp.float32) / 255.0 - 0.45) / 0.225).astype(dtype)
+
+
+def setup(
+    partial_bn=False,
+    dtype=jnp.float32,
+    accum=1,
+    name="TSM_CinST_BN",
+    dropout=0.5,
+    param_dtype=jnp.float32,
+):
+    model = models.create(
+        name,
+        num_classes=CLASSES,
+        num_segments=T,
+        depth=14,
+        width=8,
+        dropout=dropout,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        partial_bn=partial_bn,
+    )
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, T, S, S, 3), dtype), train=False)
+    cfg = dict(OPT, partial_bn=partial_bn)
+    sched = optim.make_schedule(cfg, steps_per_epoch=10, num_epochs=1, global_batch_size=8)
+    tx = optim.make_optimizer(cfg, variables["params"], sched)
+    state = step_lib.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        rng=jax.random.PRNGKey(1),
+    )
+    state = jax.device_get(state)  # host copies: the jitted step donates its device input
+    fn = step_lib.make_train_step(
+        model, tx, normalize=normalize, compute_dtype=dtype, grad_accum_steps=accum
+    )
+    return state, fn
+
+
+def batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "video": rng.integers(0, 256, (n, T, S, S, 3), dtype=np.uint8),
+        "label": rng.integers(0, CLASSES, (n,), dtype=np.int32),
+    }
+
+
+def run_steps(state, fn, batches, devices):
+    mesh = mesh_lib.make_mesh(devices)
+    sharding = step_lib.state_sharding(state, mesh)
+    jitted = step_lib.jit_train_step(fn, mesh, sharding)
+    state = jax.device_put(state, sharding)
+    metrics = []
+    for b in batches:
+        state, m = jitted(state, jax.device_put(b, mesh_lib.batch_sharded(mesh)))
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state), metrics
+
+
+def assert_same_step(before, a, b, leaf_rel=0.5, total_rel=1e-3):
+    """`a` and `b` made the same change to `before`, up to float32 rounding.
+
+    Compared relative to the change itself: most backbone gradients are tiny at initialisation
+    (the classifier starts at std 0.001), so their float32 rounding, which depends on how the
+    batch is split over devices, is large relative to them and small relative to the update as
+    a whole. A semantic difference (per-device BatchNorm statistics, a gradient summed instead
+    of averaged, another dropout mask) changes the update by O(1).
+    """
+    before, a, b = (jax.tree.leaves(t) for t in (before, a, b))
+    diff = [np.asarray(x, np.float64) - y for x, y in zip(a, b)]
+    change = [np.asarray(x, np.float64) - y for x, y in zip(a, before)]
+    for d, c in zip(diff, change):
+        assert np.abs(d).max() <= leaf_rel * np.abs(c).max() + 1e-7
+    total = np.sqrt(sum((d**2).sum() for d in diff) / sum((c**2).sum() for c in change))
+    print(f"relative difference of the updates: {total:.2e}")
+    assert total <= total_rel, total
+
+
+def test_eight_devices_equal_one():
+    """The default network, float32: the sharded step makes the single-device update."""
+    assert jax.device_count() == 8
+    state, fn = setup()
+    batches = [batch(32, seed=s) for s in range(2)]  # 4 clips per device
+    one, m1 = run_steps(state, fn, batches, jax.devices()[:1])
+    eight, m8 = run_steps(state, fn, batches, jax.devices())
+    assert int(one.step) == int(eight.step) == 2
+    assert_same_step(state.params, one.params, eight.params, total_rel=1e-4)
+    assert_same_step(state.batch_stats, one.batch_stats, eight.batch_stats, total_rel=1e-4)
+    for key in ("loss", "top1", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in m1], [m[key] for m in m8], rtol=1e-5)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_eight_devices_equal_one_float64(accum):
+    """In float64 the sharded and single-device steps agree to rounding (semantics are equal),
+    with and without gradient accumulation. (TSM: the attention's fused kernels are float32.)"""
+    with jax.enable_x64(True):
+        state, fn = setup(name="TSM", dtype=jnp.float64, param_dtype=jnp.float64, accum=accum)
+        batches = [batch(16 * accum, seed=s) for s in range(2)]  # 2 clips per device
+        one, m1 = run_steps(state, fn, batches, jax.devices()[:1])
+        eight, m8 = run_steps(state, fn, batches, jax.devices())
+    assert one.params["new_fc"]["kernel"].dtype == np.float64
+    for a, b in [(one.params, eight.params), (one.batch_stats, eight.batch_stats)]:
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12), a, b)
+    assert_same_step(state.params, one.params, eight.params, leaf_rel=1e-6, total_rel=1e-9)
+    np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m8], rtol=1e-6)
+
+
+def test_accumulation_averages_micro_batch_gradients():
+    """accum=2: rows 0::2 then 1::2 run one after the other (BatchNorm statistics updated after
+    each), and the optimiser sees the mean of their gradients."""
+    model = models.create(
+        "TSM", num_classes=CLASSES, num_segments=T, depth=14, width=8, dropout=0.5
+    )
+    state, fn = setup(name="TSM", accum=2)
+    b = batch(16)
+    new, m = run_steps(state, fn, [b], jax.devices()[:1])
+
+    def micro_grad(params, batch_stats, k):
+        def loss_fn(p):
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": batch_stats},
+                normalize(jnp.asarray(b["video"][k::2]), jnp.float32),
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.fold_in(jax.random.fold_in(state.rng, 0), k)},
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, b["label"][k::2])
+            return loss.mean(), upd["batch_stats"]
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    (l0, stats0), g0 = jax.jit(micro_grad, static_argnums=2)(state.params, state.batch_stats, 0)
+    (l1, stats1), g1 = jax.jit(micro_grad, static_argnums=2)(state.params, stats0, 1)
+    np.testing.assert_allclose(m[0]["loss"], (l0 + l1) / 2, rtol=1e-5)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+        new.batch_stats,
+        jax.device_get(stats1),
+    )
+    cfg = dict(OPT)
+    tx = optim.make_optimizer(
+        cfg,
+        state.params,
+        optim.make_schedule(cfg, steps_per_epoch=10, num_epochs=1, global_batch_size=8),
+    )
+    grads = jax.tree.map(lambda x, y: (x + y) / 2, g0, g1)
+    updates, _ = tx.update(grads, tx.init(state.params), state.params)
+    expected = optax.apply_updates(state.params, updates)
+    assert_same_step(state.params, jax.device_get(expected), new.params, total_rel=1e-4)
+
+
+def test_partial_bn_freezes_statistics_and_parameters():
+    state, fn = setup(partial_bn=True)
+    new, _ = run_steps(state, fn, [batch(8)], jax.devices())
+    stem_before, stem_after = (
+        state.batch_stats["base_model"]["bn1"],
+        new.batch_stats["base_model"]["bn1"],
+    )
+    assert not np.allclose(stem_before["mean"], stem_after["mean"])
+    blk = ("base_model", "layer1_0", "bn1")
+    get = lambda t: t[blk[0]][blk[1]][blk[2]]  # noqa: E731
+    np.testing.assert_array_equal(get(state.batch_stats)["mean"], get(new.batch_stats)["mean"])
+    np.testing.assert_array_equal(get(state.batch_stats)["var"], get(new.batch_stats)["var"])
+    np.testing.assert_array_equal(get(state.params)["scale"], get(new.params)["scale"])
+    assert not np.allclose(
+        state.params["base_model"]["bn1"]["scale"], new.params["base_model"]["bn1"]["scale"]
+    )
+
+
+def test_bfloat16_compute_keeps_float32_state():
+    state, fn = setup(dtype=jnp.bfloat16)
+    new, m = run_steps(state, fn, [batch(8)], jax.devices())
+    assert np.isfinite(m[0]["loss"])
+    for leaf in jax.tree.leaves((new.params, new.batch_stats)):
+        assert leaf.dtype == np.float32
