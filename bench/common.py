@@ -405,7 +405,7 @@ def add_common_flags(parser) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--impl", default=None, help="attention impl: xla | fused (default)")
+    parser.add_argument("--impl", default="fused", help="JAX attention impl: fused | xla")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU")
     parser.add_argument("--json", default=None, help="append raw results (JSON lines) here")

@@ -11,6 +11,7 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 
 from aia_jax import modelio
 from aia_jax.train.metrics import read_metrics
@@ -51,6 +52,7 @@ def launch(workdir, data_dir, devices, distributed=""):
     )
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path):
     from aia_jax.data import synthetic
 

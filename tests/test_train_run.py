@@ -126,14 +126,22 @@ def final_params(workdir, step=12):
 
 
 def assert_same_run(workdir, reference_dir, after_step):
-    """Same final parameters and statistics, and the same metrics after `after_step`."""
+    """Same final parameters and statistics, and the same metrics after `after_step`.
+
+    To float32 rounding, not bit for bit: XLA:CPU's all-reduce over the 8 fake devices may add
+    in thread-arrival order, which now and then moves a value by one ulp (seen under load in
+    the loss and in a BatchNorm scale); a wrong resume (a batch skipped or repeated, a lost
+    optimiser state) moves them by orders of magnitude more.
+    """
     a, b = final_params(workdir), final_params(reference_dir)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-    drop = ("clips_per_sec",)
-    got = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(workdir)]
-    want = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(reference_dir)]
-    assert [r for r in got if r["step"] > after_step] == [r for r in want if r["step"] > after_step]
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), a, b)
+    got, want = read_metrics(workdir), read_metrics(reference_dir)
     assert [r["step"] for r in got] == [r["step"] for r in want]  # no duplicated records
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        if g["step"] > after_step:
+            for key in g.keys() - {"clips_per_sec"}:
+                np.testing.assert_allclose(g[key], w[key], rtol=1e-5, err_msg=key)
 
 
 def test_end_to_end_outputs(reference):
@@ -158,7 +166,7 @@ def test_end_to_end_outputs(reference):
         best = ckpts.best_step()
     finally:
         ckpts.close()
-    best_val = max(val, key=lambda r: r["val/top1"])  # the first of equals is kept: ties → min
+    best_val = max(val, key=lambda r: r["val/top1"])
     assert 12 in steps and 10 in steps and best in steps  # newest two plus the best
     assert [r["val/top1"] for r in val if r["step"] == best][0] == best_val["val/top1"]
     assert summary["best_step"] == best

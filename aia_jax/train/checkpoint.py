@@ -75,6 +75,10 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def metrics(self, step: int) -> dict[str, Any] | None:
+        """The metrics saved with `step` (`{"val_top1": ...}`), or None."""
+        return self.manager.metrics(step)
+
     def save(
         self,
         step: int,

@@ -317,8 +317,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             },
         )
 
+    def is_eval_step(step: int) -> bool:
+        return eval_every > 0 and (step % eval_every == 0 or step == total_steps)
+
+    def validate(state: step_lib.TrainState) -> None:
+        nonlocal last_val
+        last_val = evaluate(state)
+        if not last_val:
+            return
+        scalars = {k.replace("val_", "val/"): v for k, v in last_val.items()}
+        writer.write(step, {"epoch": step / steps_per_epoch, **scalars})
+        progress.write(
+            f"step {step}: val top-1 {last_val['val_top1']:.4f} top-5 "
+            f"{last_val['val_top5']:.4f} ({last_val['val_count']} videos)"
+        )
+
     train_batches: Iterator[dict[str, np.ndarray]] = iter(train_iter)
     try:
+        if latest is not None and is_eval_step(step) and ckpts.metrics(step) is None:
+            # Preempted right after this step, before its validation: run it now. (The
+            # checkpoint stays without metrics, so it does not compete for "best".)
+            validate(state)
         while step < total_steps:
             batch = data.to_global(next(train_batches), mesh)
             state, metrics = train_step(state, batch)
@@ -331,27 +350,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 progress.write(f"Preempted: saved step {step} to {ckpts.directory}; exiting.")
                 preempted = True
                 break
-            evaluate_now = eval_every > 0 and (step % eval_every == 0 or step == total_steps)
+            evaluate_now = is_eval_step(step)
             save_now = (
                 evaluate_now or step == total_steps or (ckpt_every > 0 and step % ckpt_every == 0)
             )
             if save_now or step % log_every == 0:
                 flush()
             if evaluate_now:
-                last_val = evaluate(state)
-                if last_val:
-                    writer.write(
-                        step,
-                        {
-                            "epoch": step / steps_per_epoch,
-                            **{k.replace("val_", "val/"): v for k, v in last_val.items()},
-                        },
-                    )
-                    progress.write(
-                        f"step {step}: val top-1 {last_val['val_top1']:.4f} "
-                        f"top-5 {last_val['val_top5']:.4f} "
-                        f"({last_val['val_count']} videos)"
-                    )
+                validate(state)
             if save_now:
                 metrics = (
                     {BEST_METRIC: last_val[BEST_METRIC]} if evaluate_now and last_val else None
