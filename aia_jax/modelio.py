@@ -135,8 +135,11 @@ def load_for_init(path: str, model_or_meta: Any) -> dict[str, PyTree]:
     """Variables to initialise a training run from (`config.init_from`).
 
     Args:
-      path: a model directory or training workdir (see `load_model`). An ImageNet torchvision
-        `.pth` file needs the converter (`aia_jax.convert`) and is refused until it exists.
+      path: a model directory or training workdir (see `load_model`); or a PyTorch file
+        (`.pth`, `.pth.tar`, `.safetensors`) holding torchvision ImageNet ResNet weights (the
+        release's starting point) or a release checkpoint (`base_model.*` keys), converted on
+        the fly by `aia_jax.convert` (`python -m aia_jax.convert` writes the same as a model
+        directory, once).
       model_or_meta: the model being trained (a `VideoNet`) or its `model.json` dict; a
         different model name is allowed (e.g. fine-tuning a TSM from a C2D), with a warning.
 
@@ -145,16 +148,15 @@ def load_for_init(path: str, model_or_meta: Any) -> dict[str, PyTree]:
       match its own and keeps its fresh initialisation for the rest (e.g. a classifier with a
       different number of classes).
     """
-    if os.path.isfile(path) and path.endswith((".pth", ".pt", ".pth.tar", ".safetensors")):
-        raise NotImplementedError(
-            f"init_from={path!r}: initialising from a PyTorch file (e.g. torchvision ImageNet "
-            "weights) needs the converter; convert it first with `python -m aia_jax.convert` "
-            "into a model directory and pass that directory."
-        )
+    if isinstance(model_or_meta, Mapping):
+        target, model = dict(model_or_meta), None
+    else:
+        target, model = meta_from_model(model_or_meta), model_or_meta
+    if os.path.isfile(path):
+        return _load_torch_for_init(path, model or create_model(target))
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"init_from={path!r} is neither a model directory nor a workdir")
+        raise FileNotFoundError(f"init_from={path!r}: no such model directory, workdir or file")
     variables, meta = load_model(path)
-    target = model_or_meta if isinstance(model_or_meta, Mapping) else meta_from_model(model_or_meta)
     if _canonical(meta["name"]) != _canonical(target["name"]):
         logging.warning(
             "init_from: %s holds a %s, initialising a %s from it.",
@@ -163,6 +165,20 @@ def load_for_init(path: str, model_or_meta: Any) -> dict[str, PyTree]:
             target["name"],
         )
     return variables
+
+
+def _load_torch_for_init(path: str, model: Any) -> dict[str, PyTree]:
+    """torchvision ImageNet weights or a release checkpoint → variables of (a variant of) model."""
+    from aia_jax import convert
+
+    state_dict = convert.load_torch_checkpoint(path)
+    if not convert.describe_torchvision(state_dict)["release"]:
+        return convert.from_torchvision(state_dict, model)
+    # A release checkpoint: convert it with its own classifier size; the trainer then keeps
+    # its fresh classifier where the number of classes differs.
+    head = state_dict.get("new_fc.weight", state_dict.get("base_model.fc.weight"))
+    num_classes = int(head.shape[0]) if head is not None else model.num_classes
+    return convert.from_torch(state_dict, model.clone(num_classes=num_classes))
 
 
 def _canonical(name: str) -> str:

@@ -245,3 +245,41 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path):
     ckpts.close()
     variables, _ = modelio.load_model(workdir)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+
+
+def test_init_from(env, reference, tmp_path):
+    """From a model directory (every tensor copied), and from a release `.pth` with another
+    number of classes (converted on the fly; the trainer keeps its own classifier)."""
+    import jax.numpy as jnp
+
+    from aia_jax import convert, models
+
+    variables, meta = modelio.load_model(reference[0], step=12)
+    model_dir = str(tmp_path / "model")
+    modelio.save_model(model_dir, variables, meta)
+
+    other = models.create("TSM_CinST_BN", num_classes=7, num_segments=4, depth=14, width=8)
+    v7 = other.init(jax.random.PRNGKey(3), jnp.zeros((1, 4, 32, 32, 3)), train=False)
+    pth = str(tmp_path / "release.safetensors")
+    convert.save_torch(convert.to_torch(v7, other), pth)
+    loaded = modelio.load_for_init(pth, meta)
+    assert loaded["params"]["new_fc"]["kernel"].shape[-1] == 7
+    merged, copied, kept = modelio.merge_for_init(variables, loaded)
+    assert sorted(kept) == ["params/new_fc/bias", "params/new_fc/kernel"]
+    np.testing.assert_array_equal(
+        merged["params"]["base_model"]["conv1"]["kernel"],
+        loaded["params"]["base_model"]["conv1"]["kernel"],
+    )
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        modelio.load_for_init(str(tmp_path / "missing"), meta)
+
+    c = tiny_config(env["data_dir"])
+    c.init_from = model_dir
+    c.num_epochs = 0.25  # one step
+    c.eval_every_epochs = 0.0
+    workdir = str(tmp_path / "w")
+    train.run(c, workdir)
+    after, _ = modelio.load_model(workdir, step=1)
+    # One small SGD step away from the copied parameters (a fresh start is O(1) away).
+    for a, b in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(variables["params"])):
+        assert np.abs(a - b).max() <= 1e-2 * max(1.0, np.abs(b).max())

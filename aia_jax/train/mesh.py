@@ -62,8 +62,12 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     The axis is `Auto`, not `Explicit`: the model is written without sharding annotations and
     the compiler propagates the batch sharding through it.
     """
-    devices = list(jax.devices() if devices is None else devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+    if devices is None:
+        try:  # topology-aware device order (TPU rings); one slice only
+            return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), (AxisType.Auto,))
+        except ValueError:  # e.g. a multi-slice TPU: plain device order
+            devices = jax.devices()
+    return Mesh(np.asarray(list(devices)), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

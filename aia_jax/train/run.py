@@ -244,10 +244,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         step_lib.make_eval_step(model, normalize=normalize, compute_dtype=compute_dtype), mesh
     )
 
+    # In-training validation follows the release: 1 clip (segment centres) × 1 centre crop,
+    # whatever test protocol the data config names for the evaluator.
+    val_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    val_cfg.test_clips, val_cfg.test_crops = "single", 1
+
     def evaluate(state: step_lib.TrainState) -> dict[str, float]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         it = data.make_eval_iterator(
-            data_cfg,
+            val_cfg,
             split="val",
             global_batch_size=eval_batch_size,
             process_index=jax.process_index(),
