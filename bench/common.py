@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
-import functools
 import os
 import platform
 import subprocess
@@ -33,7 +32,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from aia_jax import models  # noqa: E402
-from aia_jax.models import attention, resnet  # noqa: E402
 
 NUM_CLASSES = 174
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -233,43 +231,30 @@ def heap_peak() -> Iterator[dict[str, int]]:
 # --- JAX ------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def attention_impl(impl: str | None) -> Iterator[None]:
-    """Builds networks whose attention uses `impl` ('xla' or 'fused'; None: the default).
-
-    `create()` does not take `impl` (yet); the bottleneck calls `apply_placement` through the
-    `resnet` module's global, which is swapped here while a network is traced.
-    """
-    if impl is None:
-        yield
-        return
-    original = resnet.apply_placement
-    resnet.apply_placement = functools.partial(attention.apply_placement, impl=impl)
-    try:
-        yield
-    finally:
-        resnet.apply_placement = original
-
-
 def jax_clips(batch: int, frames: int, size: int, seed: int = 0) -> jax.Array:
     x = np.random.default_rng(seed).normal(size=(batch, frames, size, size, 3))
     return jnp.asarray(x, jnp.float32)
 
 
-def jax_model(name: str, dtype: str, frames: int = 8) -> models.VideoNet:
-    return models.create(name, num_classes=NUM_CLASSES, num_segments=frames, dtype=DTYPES[dtype])
+def jax_model(name: str, dtype: str, frames: int = 8, impl: str | None = None) -> models.VideoNet:
+    """The network of `name`; `impl` is its attention computation (None: the library default)."""
+    return models.create(
+        name,
+        num_classes=NUM_CLASSES,
+        num_segments=frames,
+        dtype=DTYPES[dtype],
+        attention_impl=impl or models.DEFAULT_IMPL,
+    )
 
 
-def jax_variables(model: models.VideoNet, clips: jax.Array, impl: str | None) -> Any:
-    with attention_impl(impl):
-        return jax.jit(lambda k: model.init(k, clips[:1], train=False))(jax.random.key(0))
+def jax_variables(model: models.VideoNet, clips: jax.Array) -> Any:
+    return jax.jit(lambda k: model.init(k, clips[:1], train=False))(jax.random.key(0))
 
 
-def compile_timed(fn: Callable, *args: Any, impl: str | None, **jit_kw: Any):
+def compile_timed(fn: Callable, *args: Any, **jit_kw: Any):
     """`jax.jit(fn).lower(*args).compile()` and the seconds it took."""
     t0 = time.perf_counter()
-    with attention_impl(impl):
-        compiled = jax.jit(fn, **jit_kw).lower(*args).compile()
+    compiled = jax.jit(fn, **jit_kw).lower(*args).compile()
     return compiled, time.perf_counter() - t0
 
 
@@ -329,9 +314,11 @@ def train_step_fn(model: models.VideoNet, lr: float = 0.01) -> Callable:
 
 
 def train_state(variables: Any) -> tuple:
-    params = variables["params"]
+    """A fresh (copied) training state: the step donates it, `variables` stay usable."""
+    params = jax.tree_util.tree_map(jnp.copy, variables["params"])
+    batch_stats = jax.tree_util.tree_map(jnp.copy, variables["batch_stats"])
     momentum = jax.tree_util.tree_map(jnp.zeros_like, params)
-    return (params, variables["batch_stats"], momentum, jax.random.key(1))
+    return (params, batch_stats, momentum, jax.random.key(1))
 
 
 # --- PyTorch --------------------------------------------------------------------------------

@@ -87,8 +87,9 @@ def main() -> None:
                     row["params"] = params
                     for impl in args.impls:
                         variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+                        net = common.jax_model(name, dtype, args.frames, impl)
                         compiled, secs = common.compile_timed(
-                            common.inference_fn(model), variables, clips, impl=impl
+                            common.inference_fn(net), variables, clips
                         )
                         row[f"gflops_{impl}"] = common.cost(compiled)["flops"] / 1e9
                         row[f"compile_s_{impl}"] = secs

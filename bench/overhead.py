@@ -32,13 +32,11 @@ def build(args, form: str, dtype: str, batch: int, mode: str) -> tuple[dict, dic
     for impl in args.impls:
         for placement in args.placements:
             name = common.model_name(form, placement)
-            model = common.jax_model(name, dtype, args.frames)
-            variables = common.jax_variables(model, clips, impl)
+            model = common.jax_model(name, dtype, args.frames, impl)
+            variables = common.jax_variables(model, clips)
             key = (f"jax-{impl}", placement)
             if mode == "infer":
-                compiled, secs = common.compile_timed(
-                    common.inference_fn(model), variables, clips, impl=impl
-                )
+                compiled, secs = common.compile_timed(common.inference_fn(model), variables, clips)
                 fns[key] = lambda c=compiled, v=variables: c(v, clips).block_until_ready()
             else:
                 box = [common.train_state(variables)]
@@ -47,7 +45,6 @@ def build(args, form: str, dtype: str, batch: int, mode: str) -> tuple[dict, dic
                     box[0],
                     clips,
                     labels,
-                    impl=impl,
                     donate_argnums=(0,),
                 )
 

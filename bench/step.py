@@ -38,14 +38,12 @@ def run_config(args, form: str, placement: str, dtype: str, batch: int, mode: st
     name = common.model_name(form, placement)
     clips = common.jax_clips(batch, args.frames, args.size)
     labels = jnp.arange(batch, dtype=jnp.int32) % common.NUM_CLASSES
-    model = common.jax_model(name, dtype, args.frames)
-    variables = common.jax_variables(model, clips, args.impl)
+    model = common.jax_model(name, dtype, args.frames, args.impl)
+    variables = common.jax_variables(model, clips)
     row: dict = {"form": form, "placement": placement, "dtype": dtype, "batch": batch}
     row["mode"] = mode
     if mode == "infer":
-        compiled, secs = common.compile_timed(
-            common.inference_fn(model), variables, clips, impl=args.impl
-        )
+        compiled, secs = common.compile_timed(common.inference_fn(model), variables, clips)
 
         def jax_fn():
             return compiled(variables, clips).block_until_ready()
@@ -53,7 +51,7 @@ def run_config(args, form: str, placement: str, dtype: str, batch: int, mode: st
     else:
         box = [common.train_state(variables)]
         compiled, secs = common.compile_timed(
-            common.train_step_fn(model), box[0], clips, labels, impl=args.impl, donate_argnums=(0,)
+            common.train_step_fn(model), box[0], clips, labels, donate_argnums=(0,)
         )
 
         def jax_fn():

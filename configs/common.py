@@ -35,6 +35,8 @@ def release_recipe(
     c.model = ml_collections.ConfigDict(
         dict(name=name, depth=depth, width=64, dropout=0.5, num_segments=8)
     )
+    # How the attention is computed ('fused' or 'xla'); same parameters, see bench/RESULTS.md.
+    c.model.attention_impl = "fused"
     c.data = data.get_config()
     c.data.source = "frames"
     c.data.preset = preset

@@ -1,7 +1,6 @@
 """The fused gate primitives equal the plain XLA formulation in value and gradient (float32)."""
 
 import functools
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from aia_jax import models
-from aia_jax.models import attention, fused, resnet
+from aia_jax.models import attention, fused
 from aia_jax.models.attention import PLACEMENTS, UNIT_GATES, pool_max_mean
 
 SHAPE = (2, 3, 5, 4, 6)  # [b, t, h, w, c], all different so any axis mix-up shows
@@ -165,22 +164,22 @@ def test_impls_share_parameters():
 
 @pytest.mark.parametrize("name", ["TSM_CinST2STinC_BN", "I3D_STinCplusCinST_BN"])
 def test_network_fused_equals_xla_in_training(name):
-    # Whole networks (tiny ResNet), whatever the default impl: logits, statistics, gradients.
-    model = models.create(name, num_classes=5, num_segments=4, depth=14, width=8, dropout=0.0)
+    # Whole networks (tiny ResNet) built with each impl: logits, statistics, gradients.
+    make = functools.partial(
+        models.create, name, num_classes=5, num_segments=4, depth=14, width=8, dropout=0.0
+    )
     clips = _normal(15, (2, 4, 32, 32, 3))
-    variables = _variables(model, clips)
+    variables = _variables(make(), clips)
 
     def run(impl):
-        with mock.patch.object(
-            resnet, "apply_placement", functools.partial(attention.apply_placement, impl=impl)
-        ):
+        model = make(attention_impl=impl)
 
-            def loss(params):
-                v = {"params": params, "batch_stats": variables["batch_stats"]}
-                logits, upd = model.apply(v, clips, train=True, mutable=["batch_stats"])
-                return jnp.sum(logits * jnp.arange(5.0)), (logits, upd)
+        def loss(params):
+            v = {"params": params, "batch_stats": variables["batch_stats"]}
+            logits, upd = model.apply(v, clips, train=True, mutable=["batch_stats"])
+            return jnp.sum(logits * jnp.arange(5.0)), (logits, upd)
 
-            return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+        return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
 
     (g_f, (y_f, u_f)), (g_x, (y_x, u_x)) = run("fused"), run("xla")
     _close(y_f, y_x, 1e-5, 1e-5, err_msg="logits")

@@ -1,6 +1,8 @@
 """Flax (linen) modules of the release: gates, units, placements, backbones and the video net."""
 
 from aia_jax.models.attention import (
+    DEFAULT_IMPL,
+    IMPLS,
     PLACEMENTS,
     Attention,
     AttentionUnit,
@@ -21,6 +23,8 @@ from aia_jax.models.resnet import (
 from aia_jax.models.video import ModelName, VideoNet, create, parse_name, valid_names
 
 __all__ = [
+    "DEFAULT_IMPL",
+    "IMPLS",
     "PLACEMENTS",
     "STAGE_SIZES",
     "TEMPORAL_FORMS",

@@ -7,11 +7,12 @@ its axes already have, and the release's kernel is permuted (54 numbers) to that
 The stored kernel keeps the release's `(D1, D2, D3)` order, so a converted kernel works unchanged.
 
 Two implementations compute the same function with the same parameters (`impl`):
+- `'fused'` (the default): `aia_jax.models.fused` — all pools of a unit in one call, the gate
+  convolution as 27 shifted multiply-adds, and hand-written gradients. Equal to `'xla'` to
+  float32 rounding in value and gradient (tests/test_fused.py), and to the PyTorch reference
+  (tests/test_parity.py).
 - `'xla'`: the plain formulation (`jnp.max`/`jnp.mean`, `lax.conv_general_dilated`, broadcast
-  multiplies) with autodiff gradients; the reference.
-- `'fused'` (opt-in until benchmarked): `aia_jax.models.fused` — all pools of a
-  unit in one call, the gate convolution as 27 shifted multiply-adds, and hand-written
-  gradients. Equal to `'xla'` to float32 rounding (tests/test_fused.py).
+  multiplies) with autodiff gradients; the readable reference, several times slower on CPU.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from aia_jax.models import fused
 Dtype = Any
 
 IMPLS = ("xla", "fused")
-# 'xla' is the parity-tested reference and the default. 'fused' avoids XLA:CPU's slow
-# small-channel Conv3d and axis-1 reductions, but its speed and compile time are not yet
-# benchmarked (issue #6), so it is opt-in.
-DEFAULT_IMPL = "xla"
+# 'fused' avoids XLA:CPU's slow small-channel Conv3d, axis-1 reductions and autodiff
+# transposes: on CPU (bench/RESULTS.md) TSM+CinST costs +2..9 % over the plain TSM with it,
+# against +100..290 % with 'xla'; it compiles in ~3x the time of 'xla' (~30 s for a ResNet-50
+# training step on 2 cores).
+DEFAULT_IMPL = "fused"
 
 # For each gate: the axis of the `[b, t, h, w, c]` map it pools over, and how the release's
 # kernel axes (D1, D2, D3) map onto the axes the pooled map keeps here. The release's Conv3d

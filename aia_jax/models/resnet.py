@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aia_jax.models.attention import apply_placement
+from aia_jax.models.attention import DEFAULT_IMPL, apply_placement
 
 Dtype = Any
 
@@ -95,6 +95,7 @@ class Bottleneck(nn.Module):
       inflate: I3D only, whether conv1 is 3×1×1.
       partial_bn: run the block's BatchNorms on their running statistics even in training
         (TSN's partial BN; the trainer also freezes their scale and bias).
+      attention_impl: how the attention is computed, 'fused' or 'xla' (same parameters).
     """
 
     planes: int
@@ -109,6 +110,7 @@ class Bottleneck(nn.Module):
     partial_bn: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = DEFAULT_IMPL
 
     def _to_clips(self, x: jax.Array) -> jax.Array:
         if self.form == "I3D":
@@ -164,6 +166,7 @@ class Bottleneck(nn.Module):
                 train=train,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                impl=self.attention_impl,
             )
             y = self._from_clips(clips, y)
         y = nn.relu(y)
@@ -203,6 +206,7 @@ class ResNet(nn.Module):
     partial_bn: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = DEFAULT_IMPL
 
     @property
     def stage_sizes(self) -> Sequence[int]:
@@ -266,6 +270,7 @@ class ResNet(nn.Module):
                     partial_bn=self.partial_bn,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
+                    attention_impl=self.attention_impl,
                     name=f"layer{stage + 1}_{block}",
                 )(x, train=train)
                 in_channels = planes * 4

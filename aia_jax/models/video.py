@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aia_jax.models.attention import PLACEMENTS
+from aia_jax.models.attention import DEFAULT_IMPL, IMPLS, PLACEMENTS
 from aia_jax.models.resnet import STAGE_SIZES, TEMPORAL_FORMS, ResNet
 
 Dtype = Any
@@ -68,6 +68,7 @@ class VideoNet(nn.Module):
     partial_bn: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = DEFAULT_IMPL
 
     @nn.compact
     def __call__(self, clips: jax.Array, *, train: bool) -> jax.Array:
@@ -89,6 +90,7 @@ class VideoNet(nn.Module):
             partial_bn=self.partial_bn,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            attention_impl=self.attention_impl,
             name="base_model",
         )(frames, train=train)
         if not head_in_base:
@@ -118,6 +120,7 @@ def create(
     param_dtype: Dtype = jnp.float32,
     shift_place: str = "blockres",
     partial_bn: bool = False,
+    attention_impl: str = DEFAULT_IMPL,
 ) -> VideoNet:
     """Builds a network from a release name.
 
@@ -132,6 +135,8 @@ def create(
       param_dtype: parameter storage dtype.
       shift_place: TSM only, 'blockres' (the release) or 'block'.
       partial_bn: TSN's partial BN (see `ResNet`); off in the release's recipes.
+      attention_impl: 'fused' (default: hand-written gradients, measured in bench/RESULTS.md)
+        or 'xla' (plain jnp + autodiff, the reference); the parameters are the same.
 
     Returns:
       The `VideoNet` module; apply it as `module.apply(variables, clips, train=False)`.
@@ -143,6 +148,8 @@ def create(
         raise ValueError(f"shift_place must be 'blockres' or 'block', got {shift_place!r}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if attention_impl not in IMPLS:
+        raise ValueError(f"attention_impl must be one of {IMPLS}, got {attention_impl!r}")
     return VideoNet(
         num_classes=num_classes,
         form=spec.form,
@@ -153,6 +160,7 @@ def create(
         dropout=dropout,
         shift_place=shift_place,
         partial_bn=partial_bn,
+        attention_impl=attention_impl,
         dtype=jnp.dtype(dtype),
         param_dtype=jnp.dtype(param_dtype),
     )

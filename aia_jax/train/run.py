@@ -159,7 +159,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     partial_bn = bool(cfg.optimizer.get("partial_bn", False))
     model = models.create(
-        cfg.model.name, **create_kwargs, dtype=compute_dtype, partial_bn=partial_bn
+        cfg.model.name,
+        **create_kwargs,
+        dtype=compute_dtype,
+        partial_bn=partial_bn,
+        attention_impl=cfg.model.get("attention_impl", models.DEFAULT_IMPL),
     )
     opt_cfg = cfg.optimizer
     schedule = optim.make_schedule(
