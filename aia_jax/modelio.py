@@ -176,8 +176,7 @@ def _load_torch_for_init(path: str, model: Any) -> dict[str, PyTree]:
         return convert.from_torchvision(state_dict, model)
     # A release checkpoint: convert it with its own classifier size; the trainer then keeps
     # its fresh classifier where the number of classes differs.
-    head = state_dict.get("new_fc.weight", state_dict.get("base_model.fc.weight"))
-    num_classes = int(head.shape[0]) if head is not None else model.num_classes
+    num_classes = convert.describe_checkpoint(state_dict)["num_classes"] or model.num_classes
     return convert.from_torch(state_dict, model.clone(num_classes=num_classes))
 
 

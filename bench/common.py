@@ -313,6 +313,27 @@ def train_step_fn(model: models.VideoNet, lr: float = 0.01) -> Callable:
     return step
 
 
+def compiled_runner(
+    model: models.VideoNet, variables: Any, clips: jax.Array, labels: jax.Array, mode: str
+) -> tuple[Callable[[], Any], Any, float]:
+    """Compiles inference (`mode='infer'`) or one training step ('train', state donated).
+
+    Returns a callable that runs it once and blocks, the compiled executable (for `cost`), and
+    the compile seconds. The training callable carries its state from call to call.
+    """
+    if mode == "infer":
+        compiled, secs = compile_timed(inference_fn(model), variables, clips)
+        return (lambda: compiled(variables, clips).block_until_ready()), compiled, secs
+    box = [train_state(variables)]
+    compiled, secs = compile_timed(train_step_fn(model), box[0], clips, labels, donate_argnums=(0,))
+
+    def run() -> None:
+        box[0], loss = compiled(box[0], clips, labels)
+        jax.block_until_ready((box[0], loss))
+
+    return run, compiled, secs
+
+
 def train_state(variables: Any) -> tuple:
     """A fresh (copied) training state: the step donates it, `variables` stay usable."""
     params = jax.tree_util.tree_map(jnp.copy, variables["params"])

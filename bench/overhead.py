@@ -18,7 +18,6 @@ import json
 import os
 
 import common
-import jax
 import jax.numpy as jnp
 
 DEFAULT_PLACEMENTS = ["none", "CinST", "STinC", "CinST2STinC", "STinCplusCinST"]
@@ -35,24 +34,7 @@ def build(args, form: str, dtype: str, batch: int, mode: str) -> tuple[dict, dic
             model = common.jax_model(name, dtype, args.frames, impl)
             variables = common.jax_variables(model, clips)
             key = (f"jax-{impl}", placement)
-            if mode == "infer":
-                compiled, secs = common.compile_timed(common.inference_fn(model), variables, clips)
-                fns[key] = lambda c=compiled, v=variables: c(v, clips).block_until_ready()
-            else:
-                box = [common.train_state(variables)]
-                compiled, secs = common.compile_timed(
-                    common.train_step_fn(model),
-                    box[0],
-                    clips,
-                    labels,
-                    donate_argnums=(0,),
-                )
-
-                def step(c=compiled, box=box):
-                    box[0], loss = c(box[0], clips, labels)
-                    jax.block_until_ready((box[0], loss))
-
-                fns[key] = step
+            fns[key], _, secs = common.compiled_runner(model, variables, clips, labels, mode)
             compile_s[key] = secs
             print(f"compiled {key} in {secs:.1f} s", flush=True)
     if not args.no_torch and form in common.TORCH_FORMS:

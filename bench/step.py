@@ -29,7 +29,6 @@ import json
 import os
 
 import common
-import jax
 import jax.numpy as jnp
 
 
@@ -42,22 +41,7 @@ def run_config(args, form: str, placement: str, dtype: str, batch: int, mode: st
     variables = common.jax_variables(model, clips)
     row: dict = {"form": form, "placement": placement, "dtype": dtype, "batch": batch}
     row["mode"] = mode
-    if mode == "infer":
-        compiled, secs = common.compile_timed(common.inference_fn(model), variables, clips)
-
-        def jax_fn():
-            return compiled(variables, clips).block_until_ready()
-
-    else:
-        box = [common.train_state(variables)]
-        compiled, secs = common.compile_timed(
-            common.train_step_fn(model), box[0], clips, labels, donate_argnums=(0,)
-        )
-
-        def jax_fn():
-            box[0], loss = compiled(box[0], clips, labels)
-            jax.block_until_ready((box[0], loss))
-
+    jax_fn, compiled, secs = common.compiled_runner(model, variables, clips, labels, mode)
     row["compile_s"] = secs
     row.update(common.cost(compiled))
     fns = {"jax": jax_fn}

@@ -33,7 +33,6 @@ FLAG_SETS = {
 def child(args: argparse.Namespace) -> None:
     """Runs in the subprocess: compile and time one step, print one JSON line."""
     import common
-    import jax
     import jax.numpy as jnp
 
     out = {}
@@ -41,23 +40,12 @@ def child(args: argparse.Namespace) -> None:
     labels = jnp.arange(args.batch, dtype=jnp.int32) % common.NUM_CLASSES
     model = common.jax_model(args.name, args.dtype, args.frames, args.impl)
     variables = common.jax_variables(model, clips)
-    infer, out["infer_compile_s"] = common.compile_timed(
-        common.inference_fn(model), variables, clips
-    )
-    box = [common.train_state(variables)]
-    train, out["train_compile_s"] = common.compile_timed(
-        common.train_step_fn(model), box[0], clips, labels, donate_argnums=(0,)
-    )
-
-    def train_fn():
-        box[0], loss = train(box[0], clips, labels)
-        jax.block_until_ready((box[0], loss))
-
-    times = common.interleaved(
-        {"infer": lambda: infer(variables, clips).block_until_ready(), "train": train_fn},
-        args.warmup,
-        args.reps,
-    )
+    fns = {}
+    for mode in ("infer", "train"):
+        fns[mode], _, out[f"{mode}_compile_s"] = common.compiled_runner(
+            model, variables, clips, labels, mode
+        )
+    times = common.interleaved(fns, args.warmup, args.reps)
     for k, ts in times.items():
         out[f"{k}_ms_median"], out[f"{k}_ms_min"] = common.median_ms(ts), common.min_ms(ts)
     print("RESULT " + json.dumps(out), flush=True)

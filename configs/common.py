@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from aia_jax import data
+from aia_jax import data, models
 
 
 def release_recipe(
@@ -36,7 +36,7 @@ def release_recipe(
         dict(name=name, depth=depth, width=64, dropout=0.5, num_segments=8)
     )
     # How the attention is computed ('fused' or 'xla'); same parameters, see bench/RESULTS.md.
-    c.model.attention_impl = "fused"
+    c.model.attention_impl = models.DEFAULT_IMPL
     c.data = data.get_config()
     c.data.source = "frames"
     c.data.preset = preset
