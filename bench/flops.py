@@ -15,14 +15,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import common
 import jax
 import numpy as np
 
-# ResNet-50's bottleneck stages: (blocks, planes, spatial size of conv2's output at 224²).
-STAGES_50 = ((3, 64, 56), (4, 128, 28), (6, 256, 14), (3, 512, 7))
+# ResNet-50's bottleneck stages: (blocks, planes).
+STAGES_50 = ((3, 64), (4, 128), (6, 256), (3, 512))
+
+
+def stage_sizes(size: int) -> list[int]:
+    """Spatial size of each stage's conv2 output for `size`² input (56, 28, 14, 7 at 224²).
+
+    The stem conv and max-pool halve it (rounding up), and stages 2–4 each halve it again.
+    """
+    first = math.ceil(math.ceil(size / 2) / 2)
+    return [math.ceil(first / 2**stage) for stage in range(len(STAGES_50))]
+
+
 GATE_AXES = {"C": "c", "T": "t", "H": "h", "W": "w"}
 
 
@@ -44,14 +56,14 @@ def unit_flops(unit: str, dims: dict[str, int]) -> dict[str, float]:
     return {"conv": conv, "pool": pool, "product": product, "convs_only_macs": conv / 2}
 
 
-def analytic_attention(placement: str, batch: int, frames: int) -> dict[str, float]:
+def analytic_attention(placement: str, batch: int, frames: int, size: int) -> dict[str, float]:
     """Attention FLOPs of ResNet-50 (every block carries the placement), summed over blocks."""
     from aia_jax.models.attention import PLACEMENTS
 
     units, combine = PLACEMENTS[placement]
     total = {"conv": 0.0, "pool": 0.0, "product": 0.0, "convs_only_macs": 0.0}
-    for blocks, planes, size in STAGES_50:
-        dims = {"b": batch, "t": frames, "h": size, "w": size, "c": planes}
+    for (blocks, planes), side in zip(STAGES_50, stage_sizes(size), strict=True):
+        dims = {"b": batch, "t": frames, "h": side, "w": side, "c": planes}
         for unit in units:
             for k, v in unit_flops(unit, dims).items():
                 total[k] += blocks * v
@@ -85,8 +97,8 @@ def main() -> None:
                     params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes["params"]))
                     row = {"form": form, "placement": placement, "dtype": dtype, "batch": batch}
                     row["params"] = params
+                    variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
                     for impl in args.impls:
-                        variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
                         net = common.jax_model(name, dtype, args.frames, impl)
                         compiled, secs = common.compile_timed(
                             common.inference_fn(net), variables, clips
@@ -97,7 +109,7 @@ def main() -> None:
                         base_flops = row[f"gflops_{args.impls[0]}"]
                         base_params = params
                     else:
-                        ana = analytic_attention(placement, batch, args.frames)
+                        ana = analytic_attention(placement, batch, args.frames, args.size)
                         row["analytic_gflops"] = ana["all"] / 1e9
                         row["analytic_conv_gmacs"] = ana["convs_only_macs"] / 1e9
                     if base_flops and base_params:
