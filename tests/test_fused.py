@@ -132,6 +132,29 @@ def test_unit_fused_equals_xla(unit, train):
     _close(grads_f, grads_x, 1e-4, 1e-5, err_msg="gradient")
 
 
+@pytest.mark.parametrize("unit", list(UNIT_GATES))
+def test_unit_fused_equals_xla_in_float64(unit):
+    # A float64 map's maxima must be found in float64: pooled in float32, they equal no element
+    # of the map and the max-pool gradient is lost (the gates themselves compute in float32).
+    with jax.enable_x64(True):
+        x = _normal(16, SHAPE, jnp.float64)
+        make = lambda impl: models.AttentionUnit(  # noqa: E731
+            unit, dtype=jnp.float64, param_dtype=jnp.float64, impl=impl
+        )
+        variables = _variables(make("xla"), x)
+
+        def grad(impl):
+            def f(x):
+                y, _ = make(impl).apply(variables, x, train=True, mutable=["batch_stats"])
+                return jnp.sum(y * jnp.cos(x))
+
+            return jax.grad(f)(x)
+
+        g_f, g_x = grad("fused"), grad("xla")
+        assert g_f.dtype == jnp.float64
+        _close(g_f, g_x, 1e-5, 1e-5)
+
+
 @pytest.mark.parametrize("placement", [p for p in PLACEMENTS if p != "none"])
 def test_placement_fused_equals_xla_in_training(placement):
     x = _normal(12, (1, 4, 6, 6, 16))
@@ -162,9 +185,11 @@ def test_impls_share_parameters():
     assert shapes("fused") == shapes("xla")
 
 
-@pytest.mark.parametrize("name", ["TSM_CinST2STinC_BN", "I3D_STinCplusCinST_BN"])
+@pytest.mark.parametrize("name", ["I3D_STinCplusCinST_BN"])
 def test_network_fused_equals_xla_in_training(name):
-    # Whole networks (tiny ResNet) built with each impl: logits, statistics, gradients.
+    # A whole network (tiny ResNet) built with each impl: logits, statistics, gradients. The
+    # 2D forms are checked against the PyTorch reference's gradients (test_parity.py); the
+    # release has no 3D form, so here the plain formulation is the reference.
     make = functools.partial(
         models.create, name, num_classes=5, num_segments=4, depth=14, width=8, dropout=0.0
     )

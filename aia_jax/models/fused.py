@@ -73,15 +73,17 @@ def _max_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     """
     if axis != _SLICED_AXIS:
         return _reduce(x, axis, "max"), _reduce(x, axis, "sum")
-    # A variadic reduction needs one precision; the float32 max of a bf16 map is exact.
-    x32 = x.astype(jnp.float32)
+    # A variadic reduction needs one precision: at least float32 (exact for a bf16 map's max),
+    # and the map's own when wider, so that the max still equals one of its elements.
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    xa = x.astype(acc)
     mx, total = jax.lax.reduce(
-        (x32, x32),
-        (jnp.float32(-jnp.inf), jnp.float32(0)),
+        (xa, xa),
+        (jnp.array(-jnp.inf, acc), jnp.array(0, acc)),
         lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1]),
         (axis,),
     )
-    return mx.astype(x.dtype), total
+    return mx.astype(x.dtype), total.astype(jnp.float32)
 
 
 def _reduce_product(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:

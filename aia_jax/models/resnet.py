@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from aia_jax.models.attention import DEFAULT_IMPL, apply_placement
+from aia_jax.models.layers import Conv, max_pool
 
 Dtype = Any
 
@@ -124,8 +125,7 @@ class Bottleneck(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         three_d = self.form == "I3D"
         conv = partial(
-            nn.Conv,
-            use_bias=False,
+            Conv,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=conv_init,
@@ -228,9 +228,8 @@ class ResNet(nn.Module):
             stem = dict(kernel_size=(5, 7, 7), strides=(1, 2, 2), padding=((2, 2), (3, 3), (3, 3)))
         else:
             stem = dict(kernel_size=(7, 7), strides=(2, 2), padding=((3, 3), (3, 3)))
-        x = nn.Conv(
+        x = Conv(
             self.width,
-            use_bias=False,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=conv_init,
@@ -247,9 +246,9 @@ class ResNet(nn.Module):
         )(x)
         x = nn.relu(x)
         if three_d:
-            x = nn.max_pool(x, (1, 3, 3), strides=(1, 2, 2), padding=((0, 0), (1, 1), (1, 1)))
+            x = max_pool(x, (1, 3, 3), (1, 2, 2), ((0, 0), (1, 1), (1, 1)))
         else:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
         in_channels = self.width
         for stage, num_blocks in enumerate(self.stage_sizes):

@@ -1,0 +1,183 @@
+"""The backbone's convolution and max-pool, written so that XLA:CPU's gradients stay fast.
+
+Both compute exactly what `nn.Conv(use_bias=False)` and `nn.max_pool` compute, with the same
+parameter (`kernel`, `(*kernel_size, in, out)`), so checkpoints and conversion are unchanged.
+
+- `Conv`: a kernel of spatial size 1 (ResNet's conv1 and conv3, the projection shortcuts) is a
+  product over channels after striding, and is written as one here. XLA:CPU (jax 0.10) lowers
+  the weight gradient of a 1×1 `convolution` to a convolution over the whole image that runs
+  6–25× slower than the same contraction as a `dot`, and adds a transposed copy of the input
+  (bench/RESULTS.md §3). On GPU and TPU both forms are one GEMM. Other kernels use
+  `lax.conv_general_dilated`.
+- `max_pool`: the stem's 3×3 / stride 2 pool as a maximum of shifted strided views, with a
+  hand-written gradient that sends each output's gradient to the first maximum of its window
+  in row-major order, as PyTorch's and XLA's own max-pool gradients do. Autodiff of
+  `lax.reduce_window` gives a variadic reduce-window over index maps that takes ~90 ms of a
+  ResNet-50 training step on CPU; this takes a few.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Padding = str | Sequence[tuple[int, int]]
+
+
+class Conv(nn.Module):
+    """Bias-free convolution of a channels-last map (`[N, *spatial, C]`), as `nn.Conv`.
+
+    Attributes:
+      features: output channels.
+      kernel_size: spatial kernel size (2 or 3 numbers).
+      strides: spatial strides (default 1).
+      padding: 'VALID', 'SAME' or explicit `(low, high)` pairs per spatial axis.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int] | None = None
+    padding: Padding = "VALID"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel_size = tuple(self.kernel_size)
+        strides = tuple(self.strides or (1,) * len(kernel_size))
+        kernel = self.param(
+            "kernel", self.kernel_init, (*kernel_size, x.shape[-1], self.features), self.param_dtype
+        )
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        one_by_one = all(k == 1 for k in kernel_size)
+        no_pad = self.padding == "VALID" or (
+            not isinstance(self.padding, str) and all(p == (0, 0) for p in self.padding)
+        )
+        if one_by_one and no_pad:
+            if any(s != 1 for s in strides):
+                x = x[(slice(None), *(slice(None, None, s) for s in strides))]
+            return pointwise(x, kernel.reshape(kernel.shape[-2:]))
+        spatial = "DHW"[-len(kernel_size) :]
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=strides,
+            padding=self.padding,
+            dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+        )
+
+
+@jax.custom_vjp
+def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`x @ kernel` over the channel axis: a 1×1 convolution of `x` ([N, …, C_in]).
+
+    Args:
+      x: the map, channels last.
+      kernel: `[C_in, C_out]`.
+    """
+    return _matmul_rows(x, kernel)
+
+
+def _matmul_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    rows = x.reshape(-1, x.shape[-1])
+    return jnp.matmul(rows, kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _pointwise_fwd(x, kernel):
+    return pointwise(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(res, dout):
+    x, kernel = res
+    dx = _matmul_rows(dout, kernel.T)
+    # Contracted over the rows of two row-major [positions, channels] matrices. Autodiff
+    # contracts the 4-D maps over three axes instead, and XLA:CPU then writes one of them
+    # transposed first: a strided copy that costs more than the product itself.
+    rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+    dkernel = jax.lax.dot_general(rows(x), rows(dout), (((0,), (0,)), ((), ())))
+    return dx, dkernel.astype(kernel.dtype)
+
+
+pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
+def _window_views(x: jax.Array, window: Sequence[int], strides: Sequence[int]):
+    """Yields (offset, view) for every window position; `x` already padded, spatial axes 1….
+
+    `view[n, o…, c] = x[n, o·stride + offset…, c]`, in row-major order of the offsets.
+    """
+    out_shape = [(x.shape[1 + a] - window[a]) // strides[a] + 1 for a in range(len(window))]
+    for offset in itertools.product(*(range(w) for w in window)):
+        start = (0, *offset, 0)
+        limit = (
+            x.shape[0],
+            *(o + (n - 1) * s + 1 for o, n, s in zip(offset, out_shape, strides)),
+            x.shape[-1],
+        )
+        yield offset, jax.lax.slice(x, start, limit, (1, *strides, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(
+    x: jax.Array,
+    window: tuple[int, ...],
+    strides: tuple[int, ...],
+    padding: tuple[tuple[int, int], ...],
+) -> jax.Array:
+    """Max pooling of a channels-last map `[N, *spatial, C]`, padded with -inf.
+
+    Args:
+      x: the map.
+      window, strides: per spatial axis.
+      padding: `(low, high)` per spatial axis.
+
+    Returns:
+      The pooled map; equal to `nn.max_pool(x, window, strides, padding)`.
+    """
+    padded = _pad_neg_inf(x, padding)
+    return functools.reduce(jnp.maximum, (v for _, v in _window_views(padded, window, strides)))
+
+
+def _pad_neg_inf(x: jax.Array, padding) -> jax.Array:
+    pads = ((0, 0), *padding, (0, 0))
+    return jnp.pad(x, pads, constant_values=jnp.asarray(-jnp.inf, x.dtype))
+
+
+def _max_pool_fwd(x, window, strides, padding):
+    out = max_pool(x, window, strides, padding)
+    return out, (x, out)
+
+
+def _max_pool_bwd(window, strides, padding, res, dout):
+    x, out = res
+    padded = _pad_neg_inf(x, padding)
+    zero = np.zeros((), dout.dtype)
+    unclaimed = jnp.ones(out.shape, bool)
+    dpadded = None
+    for offset, view in _window_views(padded, window, strides):
+        # The first position of the window (row-major) that holds the maximum takes it all.
+        hit = unclaimed & (view == out)
+        unclaimed = unclaimed & ~hit
+        contribution = jnp.where(hit, dout, zero)
+        # Put the view back where it was read from: interior padding undoes the stride.
+        pads = [(0, 0, 0)]
+        for a, (o, s) in enumerate(zip(offset, strides)):
+            n = out.shape[1 + a]
+            pads.append((o, padded.shape[1 + a] - o - (n - 1) * s - 1, s - 1))
+        pads.append((0, 0, 0))
+        term = jax.lax.pad(contribution, zero, pads)
+        dpadded = term if dpadded is None else dpadded + term
+    start = (0, *(lo for lo, _ in padding), 0)
+    return (jax.lax.slice(dpadded, start, tuple(s + d for s, d in zip(start, x.shape))),)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
