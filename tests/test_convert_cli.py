@@ -17,13 +17,15 @@ torch = pytest.importorskip("torch")
 
 import jax  # noqa: E402
 
-from aia_jax import modelio, models  # noqa: E402
+from aia_jax import modelio  # noqa: E402
 from aia_jax.convert import release  # noqa: E402
 from aia_jax.convert.__main__ import main  # noqa: E402
 from tests import torch_reference  # noqa: E402
 
-PLACEMENTS = list(models.PLACEMENTS)
-NAMES = [f"{form}_{p}_BN" if p != "none" else form for form in ("C2D", "TSM") for p in PLACEMENTS]
+# The command's path for each family of release keys: plain, one unit, two units, on both 2D
+# forms. Every placement's conversion is checked through `release.from_torch` against the
+# PyTorch reference in test_parity.py and bit for bit in test_convert_release.py.
+NAMES = ["C2D", "TSM", "C2D_C_BN", "TSM_CinST_BN", "C2D_STinC_BN", "TSM_STinCplusCinST_BN"]
 SEGMENTS, SIZE = 4, 64
 REPO = Path(__file__).resolve().parents[1]
 

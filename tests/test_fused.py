@@ -185,35 +185,19 @@ def test_impls_share_parameters():
     assert shapes("fused") == shapes("xla")
 
 
-@pytest.mark.parametrize("name", ["I3D_STinCplusCinST_BN"])
-def test_network_fused_equals_xla_in_training(name):
-    # A whole network (tiny ResNet) built with each impl: logits, statistics, gradients. The
-    # 2D forms are checked against the PyTorch reference's gradients (test_parity.py); the
-    # release has no 3D form, so here the plain formulation is the reference.
-    make = functools.partial(
-        models.create, name, num_classes=5, num_segments=4, depth=14, width=8, dropout=0.0
+def test_i3d_block_fused_equals_xla_in_training():
+    # The 3D form hands the attention its map as it is ([B, T, H, W, C], no reshape). The 2D
+    # forms' whole networks are checked against the PyTorch reference's gradients
+    # (test_parity.py); the release has no 3D form, so the plain formulation is the reference.
+    make = functools.partial(models.Bottleneck, planes=4, form="I3D", num_segments=4, inflate=True)
+    block = make(attention="STinCplusCinST")
+    x = _normal(15, (2, 4, 6, 6, 16))
+    (y_f, u_f, g_f), (y_x, u_x, g_x) = _unit_pair(
+        lambda placement, impl: make(attention=placement, attention_impl=impl),
+        block.attention,
+        x,
+        True,
     )
-    clips = _normal(15, (2, 4, 32, 32, 3))
-    variables = _variables(make(), clips)
-
-    def run(impl):
-        model = make(attention_impl=impl)
-
-        def loss(params):
-            v = {"params": params, "batch_stats": variables["batch_stats"]}
-            logits, upd = model.apply(v, clips, train=True, mutable=["batch_stats"])
-            return jnp.sum(logits * jnp.arange(5.0)), (logits, upd)
-
-        return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
-
-    (g_f, (y_f, u_f)), (g_x, (y_x, u_x)) = run("fused"), run("xla")
-    _close(y_f, y_x, 1e-5, 1e-5, err_msg="logits")
-    _close(u_f, u_x, 1e-5, 1e-5, err_msg="batch_stats")
-    # Through a dozen train-mode batch norms float32 rounding differences grow, and some
-    # gradients (the stem BN's bias) are pure cancellation (~1e-6): compare by norms.
-    flat_f, flat_x = (jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)]) for t in (g_f, g_x))
-    scale = float(jnp.linalg.norm(flat_x))
-    assert float(jnp.linalg.norm(flat_f - flat_x)) < 1e-5 * scale
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_f), jax.tree.leaves(g_x)):
-        err, ref = float(jnp.linalg.norm(a - b)), float(jnp.linalg.norm(b))
-        assert err < 1e-3 * ref + 1e-6 * scale, jax.tree_util.keystr(path)
+    _close(y_f, y_x, err_msg="value")
+    _close(u_f, u_x, err_msg="batch_stats")
+    _close(g_f, g_x, 1e-4, 1e-5, err_msg="gradient")

@@ -259,7 +259,8 @@ def test_init_from(env, reference, tmp_path):
     modelio.save_model(model_dir, variables, meta)
 
     other = models.create("TSM_CinST_BN", num_classes=7, num_segments=4, depth=14, width=8)
-    v7 = other.init(jax.random.PRNGKey(3), jnp.zeros((1, 4, 32, 32, 3)), train=False)
+    dummy = jnp.zeros((1, 4, 32, 32, 3))
+    v7 = jax.jit(lambda k: other.init(k, dummy, train=False))(jax.random.PRNGKey(3))
     pth = str(tmp_path / "release.safetensors")
     convert.save_torch(convert.to_torch(v7, other), pth)
     loaded = modelio.load_for_init(pth, meta)

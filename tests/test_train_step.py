@@ -47,7 +47,8 @@ def setup(
         param_dtype=param_dtype,
         partial_bn=partial_bn,
     )
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, T, S, S, 3), dtype), train=False)
+    dummy = jnp.zeros((1, T, S, S, 3), dtype)
+    variables = jax.jit(lambda k: model.init(k, dummy, train=False))(jax.random.PRNGKey(0))
     cfg = dict(OPT, partial_bn=partial_bn)
     sched = optim.make_schedule(cfg, steps_per_epoch=10, num_epochs=1, global_batch_size=8)
     tx = optim.make_optimizer(cfg, variables["params"], sched)
