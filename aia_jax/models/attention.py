@@ -31,9 +31,9 @@ Dtype = Any
 
 IMPLS = ("xla", "fused")
 # 'fused' avoids XLA:CPU's slow small-channel Conv3d, axis-1 reductions and autodiff
-# transposes: on CPU (bench/RESULTS.md) TSM+CinST costs +2..9 % over the plain TSM with it,
-# against +100..290 % with 'xla'; it compiles in ~3x the time of 'xla' (~30 s for a ResNet-50
-# training step on 2 cores).
+# transposes: on CPU (bench/RESULTS.md §3) TSM+CinST/STinC cost +2..3 % (inference) and
+# +4..8 % (training step) over the plain TSM with it, against +120..300 % with 'xla'; it
+# compiles in ~3x the time of 'xla' (~40 s for a ResNet-50 training step on 2 cores).
 DEFAULT_IMPL = "fused"
 
 # For each gate: the axis of the `[b, t, h, w, c]` map it pools over, and how the release's

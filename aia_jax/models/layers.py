@@ -6,14 +6,14 @@ parameter (`kernel`, `(*kernel_size, in, out)`), so checkpoints and conversion a
 - `Conv`: a kernel of spatial size 1 (ResNet's conv1 and conv3, the projection shortcuts) is a
   product over channels after striding, and is written as one here. XLA:CPU (jax 0.10) lowers
   the weight gradient of a 1×1 `convolution` to a convolution over the whole image that runs
-  6–25× slower than the same contraction as a `dot`, and adds a transposed copy of the input
-  (bench/RESULTS.md §3). On GPU and TPU both forms are one GEMM. Other kernels use
+  2–10× slower than the same contraction as a `dot`, and adds a transposed copy of the input
+  (bench/RESULTS.md §2). On GPU and TPU both forms are one GEMM. Other kernels use
   `lax.conv_general_dilated`.
 - `max_pool`: the stem's 3×3 / stride 2 pool as a maximum of shifted strided views, with a
   hand-written gradient that sends each output's gradient to the first maximum of its window
   in row-major order, as PyTorch's and XLA's own max-pool gradients do. Autodiff of
-  `lax.reduce_window` gives a variadic reduce-window over index maps that takes ~90 ms of a
-  ResNet-50 training step on CPU; this takes a few.
+  `lax.reduce_window` gives a variadic reduce-window over index maps that takes ~97 ms of a
+  ResNet-50 training step on CPU (one 8-frame clip); this takes ~14 ms.
 """
 
 from __future__ import annotations
