@@ -88,12 +88,18 @@ def test_eval_mode_logits(name):
     assert _rel_err(got, want) < 1e-5
 
 
-def _torch_grads(ref, x: np.ndarray, loss_fn) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Output and parameter gradients of `loss_fn(ref(x))` in train mode, as float64 arrays."""
+def _torch_grads(
+    ref, x: np.ndarray, loss_fn, *, input_grad: bool = False
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Output and parameter gradients of `loss_fn(ref(x))` in train mode, as float64 arrays;
+    with `input_grad`, the gradient of `x` too, under the key 'input'."""
     ref.train().zero_grad()
-    out = ref(torch.from_numpy(x))
+    inp = torch.from_numpy(x).requires_grad_(input_grad)
+    out = ref(inp)
     loss_fn(out).backward()
     grads = {k: p.grad.double().numpy() for k, p in ref.named_parameters()}
+    if input_grad:
+        grads["input"] = inp.grad.double().numpy()
     return out.detach().numpy(), grads
 
 
@@ -153,18 +159,8 @@ def test_train_mode_block_of_every_placement(placement):
         return (out * torch.from_numpy(weights).to(out.dtype)).sum()
 
     exact = copy.deepcopy(ref).double()
-    x64 = torch.from_numpy(x_torch.astype(np.float64)).requires_grad_()
-    exact.train()
-    torch_loss(exact(x64)).backward()
-    exact_grads = {k: p.grad.numpy() for k, p in exact.named_parameters()}
-    exact_grads["input"] = x64.grad.numpy()
-    x32 = torch.from_numpy(x_torch).requires_grad_()
-    ref.train()
-    out = ref(x32)
-    torch_loss(out).backward()
-    want = out.detach().numpy()
-    want_grads = {k: p.grad.double().numpy() for k, p in ref.named_parameters()}
-    want_grads["input"] = x32.grad.double().numpy()
+    exact_grads = _torch_grads(exact, x_torch.astype(np.float64), torch_loss, input_grad=True)[1]
+    want, want_grads = _torch_grads(ref, x_torch, torch_loss, input_grad=True)
 
     w_flax = jnp.asarray(np.transpose(weights, (0, 2, 3, 1)))
 
