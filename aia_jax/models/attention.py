@@ -92,19 +92,18 @@ class GateConv(nn.Module):
     kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
     impl: str = DEFAULT_IMPL
 
-    @nn.compact
+    def setup(self) -> None:
+        # Stored in the release's (D1, D2, D3, in, out) order: torch [1, 2, 3, 3, 3] → (2,3,4,1,0).
+        self.kernel = self.param("kernel", self.kernel_init, (3, 3, 3, 2, 1), self.param_dtype)
+
     def __call__(self, pooled: jax.Array) -> jax.Array:
         """Maps the pooled context `[b, D1, D2, D3, 2]` (max, mean) to `[b, D1, D2, D3, 1]`."""
-        # Stored in the release's (D1, D2, D3, in, out) order: torch [1, 2, 3, 3, 3] → (2,3,4,1,0).
-        kernel = self.param("kernel", self.kernel_init, (3, 3, 3, 2, 1), self.param_dtype)
-        kernel = jnp.transpose(kernel, GATE_KERNEL_PERM[self.gate])
         if self.impl == "fused":
             pooled = pooled.astype(jnp.float32)
-            out = fused.gate_conv(pooled[..., 0], pooled[..., 1], kernel)
-            return out[..., None].astype(self.dtype)
+            return self.taps(pooled[..., 0], pooled[..., 1])[..., None].astype(self.dtype)
         if self.impl != "xla":
             raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
-        kernel = kernel.astype(self.dtype)
+        kernel = jnp.transpose(self.kernel, GATE_KERNEL_PERM[self.gate]).astype(self.dtype)
         return jax.lax.conv_general_dilated(
             pooled.astype(self.dtype),
             kernel,
@@ -112,6 +111,14 @@ class GateConv(nn.Module):
             padding=((1, 1), (1, 1), (1, 1)),
             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
         )
+
+    def taps(self, p_max: jax.Array, p_mean: jax.Array) -> jax.Array:
+        """The convolution by `fused.gate_conv`: float32 `[b, D1, D2, D3]` from the two channels.
+
+        Taking the channels apart skips the stacked `[..., 2]` copy (and its gradient's).
+        """
+        kernel = jnp.transpose(self.kernel, GATE_KERNEL_PERM[self.gate])
+        return fused.gate_conv(p_max.astype(jnp.float32), p_mean.astype(jnp.float32), kernel)
 
 
 def _norm(dtype: Dtype, param_dtype: Dtype, train: bool, name: str) -> nn.BatchNorm:
@@ -188,8 +195,8 @@ class AttentionUnit(nn.Module):
             out = []
             for n, (mx, mean) in zip(names, fused.pool(inp, axes), strict=True):
                 conv, bn = gates[n]
-                logits = bn(conv(jnp.stack([mx, mean], axis=-1)))
-                out.append(jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0])
+                logits = bn(conv.taps(mx, mean).astype(self.dtype)[..., None])[..., 0]
+                out.append(jax.nn.sigmoid(logits.astype(jnp.float32)))
             return tuple(out)
 
         def apply(inp: jax.Array, names: str, values: tuple[jax.Array, ...]) -> jax.Array:

@@ -35,37 +35,44 @@ import jax.numpy as jnp
 import numpy as np
 
 # The map is [b, t, h, w, c]; XLA:CPU reduces axis 1 slowly (see module docstring), so that
-# axis is reduced as a chain of elementwise ops over its (few) slices.
+# axis is reduced by variadic reductions that XLA emits itself (`_reduce`, `_max_sum`).
 _SLICED_AXIS = 1
 
 _TAPS = list(itertools.product(range(3), repeat=3))
 
 
 def _reduce(x: jax.Array, axis: int, kind: str) -> jax.Array:
-    """`max` (in x's dtype), float32 `sum` or int32 `count` of `x` over `axis`, materialised.
+    """`max` (in x's dtype), float32 `sum` or `count` (in x's integer dtype) of `x` over `axis`.
 
-    The barrier keeps XLA from fusing the reduction (a chain of elementwise ops for axis 1)
-    into its consumers, which would recompute it for every use: the 27 taps of a gate conv.
+    Over axis 1, XLA:CPU hands a plain reduction to a YNNPACK fusion ~20× slower than adding
+    the t slices, but a chain of slice additions it fuses into every user, which then redoes
+    it from the full map (the T gate's batch-norm and kernel gradients would each read the map
+    again; `lax.optimization_barrier` does not survive its pipeline). So axis 1 is reduced as
+    one variadic reduction over the axis's two halves: a loop XLA emits itself, and being a
+    reduction, computed once into memory.
     """
-    if axis == _SLICED_AXIS and x.shape[axis] <= 64:
-        parts = [jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis])]
+    if kind == "sum":
+        x = x.astype(jnp.float32)
+    op = jnp.maximum if kind == "max" else jnp.add
+    if axis != _SLICED_AXIS or x.shape[axis] < 2:
         if kind == "max":
-            out = functools.reduce(jnp.maximum, parts)
-        elif kind == "count":
-            out = functools.reduce(jnp.add, parts)
-        else:
-            out = functools.reduce(jnp.add, [p.astype(jnp.float32) for p in parts])
-    elif kind == "max":
-        out = jnp.max(x, axis=axis)
-    elif kind == "count":
-        out = jnp.sum(x, axis=axis, dtype=x.dtype)
-    else:
-        out = jnp.sum(x, axis=axis, dtype=jnp.float32)
-    return jax.lax.optimization_barrier(out)
+            return jnp.max(x, axis=axis)
+        return jnp.sum(x, axis=axis, dtype=x.dtype)
+    half = x.shape[axis] // 2
+    lo = jax.lax.slice_in_dim(x, 0, half, axis=axis)
+    hi = jax.lax.slice_in_dim(x, half, 2 * half, axis=axis)
+    init = jnp.array(-jnp.inf if kind == "max" else 0, x.dtype)
+    a, b = jax.lax.reduce(
+        (lo, hi), (init, init), lambda p, q: (op(p[0], q[0]), op(p[1], q[1])), (axis,)
+    )
+    out = op(a, b)
+    if x.shape[axis] % 2:
+        out = op(out, jax.lax.index_in_dim(x, 2 * half, axis, keepdims=False))
+    return out
 
 
 def _max_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """Max (in x's dtype) and float32 sum of `x` over `axis`, materialised.
+    """Max (in x's dtype) and float32 sum of `x` over `axis`.
 
     Over axis 1 both come from one variadic reduction: a single pass that XLA:CPU emits itself
     (the YNNPACK reduction it picks for a plain axis-1 `reduce` is the slow one), and, being a
@@ -87,17 +94,17 @@ def _max_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _reduce_product(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
-    """float32 `Σ_axis a·b`, materialised.
+    """float32 `Σ_axis a·b`.
 
     Written as a contraction: XLA:CPU rewrites `reduce(multiply)` into a badly shaped dot that
-    runs ~50× slower than this einsum (0.1 s for one `layer1` map).
+    runs ~50× slower than this einsum (0.1 s for one `layer1` map). Axis 1 goes by `_reduce`.
     """
-    if axis == _SLICED_AXIS and a.shape[axis] <= 64:
+    if axis == _SLICED_AXIS:
         return _reduce(a.astype(jnp.float32) * b.astype(jnp.float32), axis, "sum")
     letters = "abcdefgh"[: a.ndim]
     out = letters[:axis] + letters[axis + 1 :]
     spec = f"{letters},{letters}->{out}"
-    return jax.lax.optimization_barrier(jnp.einsum(spec, a, b, preferred_element_type=jnp.float32))
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
 def _expand(v: jax.Array, axis: int) -> jax.Array:
@@ -137,7 +144,11 @@ def _pool_bwd(axes, res, cts):
         # writes a full-size mask.
         count_dtype = jnp.int16 if x.shape[a] < 2**15 else jnp.int32
         ties = _reduce(hit.astype(count_dtype), a, "count").astype(jnp.float32)
-        term = jnp.where(hit, _expand(dmax / ties, a), 0.0) + _expand(dmean / x.shape[a], a)
+        # Both pooled factors are divisions by a computed value: XLA:CPU fuses a cheap producer
+        # (`dmean / 8` is a multiply) into a user that broadcasts it, which would redo the gate
+        # convolution's gradient for every element of the map; an expensive one it writes once.
+        mean_scale = dmean / (ties * 0 + x.shape[a])
+        term = jnp.where(hit, _expand(dmax / ties, a), 0.0) + _expand(mean_scale, a)
         dx = term if dx is None else dx + term
     return (dx.astype(x.dtype),)
 
@@ -148,14 +159,26 @@ pool.defvjp(_pool_fwd, _pool_bwd)
 # --- the gate convolution -------------------------------------------------------------------
 
 
-def _taps(inputs: Sequence[jax.Array], weights: jax.Array) -> jax.Array:
-    """`Σ_tap Σ_i weights[tap, i] · pad(inputs[i])[· + tap]` — a 'same' 3×3×3 cross-correlation.
+def _pad1(v: jax.Array) -> jax.Array:
+    """`v` zero-padded by 1 on its three map axes, computed once into memory.
+
+    The kernel gradient reads it at 27 offsets per element, and XLA:CPU would fuse a plain pad
+    into that loop as a bounds check on every read. It does not fuse an expensive op (a
+    division) into a user that reads each element more than once, so the padded map is divided
+    by an exact 1 that XLA cannot constant-fold (1 for any `v`, NaN included).
+    """
+    probe = v.reshape(-1)[0]
+    one = (probe != probe).astype(v.dtype) * 0 + 1
+    return jnp.pad(v, ((0, 0), (1, 1), (1, 1), (1, 1))) / one
+
+
+def _taps(padded: Sequence[jax.Array], weights: jax.Array) -> jax.Array:
+    """`Σ_tap Σ_i weights[tap, i] · padded[i][· + tap]` — a 'same' 3×3×3 cross-correlation.
 
     Args:
-      inputs: arrays `[b, D1, D2, D3]` (float32).
-      weights: `[27, len(inputs)]`, taps in (D1, D2, D3) row-major order.
+      padded: the inputs `[b, D1, D2, D3]` (float32), each zero-padded by 1 (`_pad1`).
+      weights: `[27, len(padded)]`, taps in (D1, D2, D3) row-major order.
     """
-    padded = [jnp.pad(v, ((0, 0), (1, 1), (1, 1), (1, 1))) for v in inputs]
     _, p1, p2, p3 = padded[0].shape
     out = None
     for t, (i, j, k) in enumerate(_TAPS):
@@ -170,8 +193,9 @@ def _materialize(x: jax.Array, anchor: jax.Array) -> jax.Array:
 
     XLA:CPU fuses an elementwise producer into every elementwise user, whatever it costs: the
     54 multiply-adds of a gate convolution would be redone by the batch norm, its statistics
-    and its gradient. Read back through a dynamic slice whose start XLA cannot constant-fold
-    (`anchor` is any traced array; the start is clamped to 0), `x` is written once.
+    and its gradient (`lax.optimization_barrier` does not survive its pipeline). Read back
+    through a dynamic slice whose start XLA cannot constant-fold (`anchor` is any traced array;
+    the start is clamped to 0), `x` is written once.
     """
     stacked = jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2))
     start = jnp.minimum(anchor.reshape(-1)[0].astype(jnp.int32), 0)
@@ -185,24 +209,25 @@ def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
       padded: the convolution's inputs, zero-padded by 1.
       wide: its output gradient `dout`, zero-padded by 2.
 
-    All 27·n sums are one variadic reduction, which XLA emits as a single loop over the map
-    (54 accumulators) instead of 54 passes, and which it does not rewrite into a dot (the
-    autodiff of the taps, or of the Conv3d, takes 30-100× longer on CPU). The shifts are put
-    on `dout` (summing over the padded grid y = x + tap against `wide[y + 2 - tap]`), not on
-    the inputs: read at 27 offsets, `dout` is too costly for XLA to recompute in the loop, so
-    whatever computes it (the batch-norm gradient) runs once into memory.
+    The 27 sums of each input are one variadic reduction, which XLA emits as a single loop over
+    the map (27 accumulators) instead of 27 passes, and which it does not rewrite into a dot
+    (the autodiff of the taps, or of the Conv3d, takes 30-100× longer on CPU). One loop per
+    input rather than one for all 54 sums: 54 accumulators spill, and the split runs 20-30 %
+    faster. The loops run over `dout`'s own grid (read from the middle of `wide`, the buffer
+    `_transposed_taps` reads too) with the shifts on the inputs: 1.7× fewer steps than the
+    padded grid for a 7×7 map.
     """
-    p1, p2, p3 = padded[0].shape[1:]
-    operands = [
-        v * wide[:, 2 - i : 2 - i + p1, 2 - j : 2 - j + p2, 2 - k : 2 - k + p3]
-        for i, j, k in _TAPS
-        for v in padded
-    ]
-    zeros = tuple(jnp.float32(0) for _ in operands)
-    sums = jax.lax.reduce(
-        tuple(operands), zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (0, 1, 2, 3)
-    )
-    return jnp.stack(sums).reshape(len(_TAPS), len(padded))
+    d1, d2, d3 = (n - 4 for n in wide.shape[1:])
+    dout = wide[:, 2 : 2 + d1, 2 : 2 + d2, 2 : 2 + d3]
+    columns = []
+    for v in padded:
+        operands = tuple(v[:, i : i + d1, j : j + d2, k : k + d3] * dout for i, j, k in _TAPS)
+        zeros = tuple(jnp.float32(0) for _ in operands)
+        sums = jax.lax.reduce(
+            operands, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (0, 1, 2, 3)
+        )
+        columns.append(jnp.stack(sums))
+    return jnp.stack(columns, axis=1)
 
 
 def _transposed_taps(wide: jax.Array, weights: jax.Array) -> jax.Array:
@@ -232,23 +257,25 @@ def gate_conv(p_max: jax.Array, p_mean: jax.Array, kernel: jax.Array) -> jax.Arr
     Returns:
       `[b, D1, D2, D3]`, equal to `lax.conv_general_dilated` with padding 1.
     """
-    out = _taps([p_max, p_mean], kernel.reshape(27, 2).astype(jnp.float32))
-    return _materialize(out, kernel)
+    return _gate_conv_fwd(p_max, p_mean, kernel)[0]
 
 
 def _gate_conv_fwd(p_max, p_mean, kernel):
-    return gate_conv(p_max, p_mean, kernel), (p_max, p_mean, kernel)
+    # The padded inputs are kept for the kernel gradient: padded again there, the padding would
+    # be fused into its loop as a bounds check on each of the 27 reads of every element.
+    padded = (_pad1(p_max), _pad1(p_mean))
+    out = _taps(padded, kernel.reshape(27, 2).astype(jnp.float32))
+    return _materialize(out, kernel), (padded, kernel)
 
 
 def _gate_conv_bwd(res, dout):
-    p_max, p_mean, kernel = res
+    padded, kernel = res
     w = kernel.reshape(27, 2).astype(jnp.float32)
     wide = jnp.pad(dout, ((0, 0), (2, 2), (2, 2), (2, 2)))
     d_max = _transposed_taps(wide, w[:, 0])
     d_mean = _transposed_taps(wide, w[:, 1])
-    padded = [jnp.pad(v, ((0, 0), (1, 1), (1, 1), (1, 1))) for v in (p_max, p_mean)]
     dk = _kernel_grad(padded, wide).reshape(kernel.shape).astype(kernel.dtype)
-    return d_max.astype(p_max.dtype), d_mean.astype(p_mean.dtype), dk
+    return d_max, d_mean, dk
 
 
 gate_conv.defvjp(_gate_conv_fwd, _gate_conv_bwd)
