@@ -206,28 +206,26 @@ def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
     """`dk[tap, i] = Σ_x padded[i][x + tap] · dout[x]` for all 27 taps at once, `[27, n]`.
 
     Args:
-      padded: the convolution's inputs, zero-padded by 1.
+      padded: the convolution's inputs, zero-padded by 1 (`_pad1`, in memory).
       wide: its output gradient `dout`, zero-padded by 2.
 
-    The 27 sums of each input are one variadic reduction, which XLA emits as a single loop over
-    the map (27 accumulators) instead of 27 passes, and which it does not rewrite into a dot
-    (the autodiff of the taps, or of the Conv3d, takes 30-100× longer on CPU). One loop per
-    input rather than one for all 54 sums: 54 accumulators spill, and the split runs 20-30 %
-    faster. The loops run over `dout`'s own grid (read from the middle of `wide`, the buffer
-    `_transposed_taps` reads too) with the shifts on the inputs: 1.7× fewer steps than the
-    padded grid for a 7×7 map.
+    All 27·n sums are one variadic reduction, which XLA emits as a single loop over the map
+    (54 accumulators) instead of 54 passes, and which it does not rewrite into a dot (the
+    autodiff of the taps, or of the Conv3d, takes 30-100× longer on CPU). The loop runs over
+    `dout`'s own grid (the middle of `wide`) with the shifts on the padded inputs: 1.7× fewer
+    steps than the padded grid for a 7×7 map. (One loop per input, 27 accumulators each, was
+    no faster in the network: each loop recomputes `dout`, the batch-norm gradient, itself.)
     """
     d1, d2, d3 = (n - 4 for n in wide.shape[1:])
     dout = wide[:, 2 : 2 + d1, 2 : 2 + d2, 2 : 2 + d3]
-    columns = []
-    for v in padded:
-        operands = tuple(v[:, i : i + d1, j : j + d2, k : k + d3] * dout for i, j, k in _TAPS)
-        zeros = tuple(jnp.float32(0) for _ in operands)
-        sums = jax.lax.reduce(
-            operands, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (0, 1, 2, 3)
-        )
-        columns.append(jnp.stack(sums))
-    return jnp.stack(columns, axis=1)
+    operands = tuple(
+        v[:, i : i + d1, j : j + d2, k : k + d3] * dout for i, j, k in _TAPS for v in padded
+    )
+    zeros = tuple(jnp.float32(0) for _ in operands)
+    sums = jax.lax.reduce(
+        operands, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (0, 1, 2, 3)
+    )
+    return jnp.stack(sums).reshape(len(_TAPS), len(padded))
 
 
 def _transposed_taps(wide: jax.Array, weights: jax.Array) -> jax.Array:
