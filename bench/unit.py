@@ -1,0 +1,121 @@
+"""One attention unit on its own: time per ResNet-50 stage, summed over the network's blocks.
+
+    python bench/unit.py                              # C, ST, CinST, STinC; fused; batch 1
+    python bench/unit.py --units CinST --impls fused,xla --reps 9
+
+Each unit runs on a map of one ResNet-50 stage (`[b, 8, 56, 56, 64]` … `[b, 8, 7, 7, 512]`,
+the shapes after `conv2`), as inference and as a gradient of a fixed linear function of its
+output (parameters and input: what a training step needs). All programs are compiled first,
+then timed round-robin. "net" is the sum over the 3 + 4 + 6 + 3 blocks of a ResNet-50, i.e. the
+unit's cost in one network pass if nothing else ran alongside. "kernels" counts the compiled
+program's top-level operations (fusions, reductions, custom calls): at batch 1 each costs
+microseconds of dispatch whatever its size, and inside a network they sit on the critical path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aia_jax.models.attention import AttentionUnit
+
+# (h = w, channels, blocks) of ResNet-50's four stages at 224² input.
+STAGES = [(56, 64, 3), (28, 128, 4), (14, 256, 6), (7, 512, 3)]
+
+_NOT_KERNELS = ("parameter", "constant", "bitcast", "tuple", "get-tuple-element", "copy-start")
+
+
+def kernel_count(compiled) -> int:
+    """Top-level operations of the compiled entry computation that do work."""
+    text = compiled.as_text()
+    entry = text[text.index("ENTRY") :]
+    ops = re.findall(r"^\s*(?:ROOT )?%\S+ = (?:\(.*?\)|\S+) ([\w\-]+)\(", entry, re.M)
+    return sum(op not in _NOT_KERNELS for op in ops)
+
+
+def build(unit: str, impl: str, shape: tuple[int, ...], dtype) -> dict:
+    x = jax.random.normal(jax.random.key(0), shape, dtype)
+    probe = jax.random.normal(jax.random.key(2), shape, jnp.float32)
+    module = AttentionUnit(unit, dtype=dtype, impl=impl)
+    variables = module.init(jax.random.key(1), x, train=True)
+    stats = variables["batch_stats"]
+
+    def loss(params, x):
+        out, _ = module.apply(
+            {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(out.astype(jnp.float32) * probe)
+
+    def infer(params, x):
+        return module.apply({"params": params, "batch_stats": stats}, x, train=False)
+
+    args = (variables["params"], x)
+    train = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
+    inference = jax.jit(infer).lower(*args).compile()
+    jax.block_until_ready(train(*args))
+    jax.block_until_ready(inference(*args))
+    return {
+        "train": lambda: jax.block_until_ready(train(*args)),
+        "infer": lambda: jax.block_until_ready(inference(*args)),
+        "kernels": (kernel_count(train), kernel_count(inference)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--units", type=common.csv, default=["C", "ST", "CinST", "STinC"])
+    parser.add_argument("--impls", type=common.csv, default=["fused"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--reps", type=int, default=15)
+    args = parser.parse_args()
+    common.print_environment(common.environment())
+    dtype = common.DTYPES[args.dtype]
+
+    runs = {}
+    for unit in args.units:
+        for impl in args.impls:
+            for size, channels, _ in STAGES:
+                shape = (args.batch, args.frames, size, size, channels)
+                runs[(unit, impl, size)] = build(unit, impl, shape, dtype)
+            print(f"compiled {unit} ({impl})", flush=True)
+
+    times = {(key, mode): [] for key in runs for mode in ("train", "infer")}
+    for _ in range(args.reps):
+        for key, run in runs.items():
+            for mode in ("train", "infer"):
+                start = time.perf_counter()
+                run[mode]()
+                times[(key, mode)].append(time.perf_counter() - start)
+
+    print(
+        f"\nms per unit, median of {args.reps} (batch {args.batch}, {args.frames} frames, "
+        f"{args.dtype}); train = gradient w.r.t. parameters and input\n"
+    )
+    stage_cols = " | ".join(f"{s}²×{c} train / infer" for s, c, _ in STAGES)
+    print(f"| unit | impl | {stage_cols} | net train / infer | kernels train / infer (56²) |")
+    print("|---|---|" + "---|" * (len(STAGES) + 2))
+    for unit in args.units:
+        for impl in args.impls:
+            cells, net = [], {"train": 0.0, "infer": 0.0}
+            for size, _, blocks in STAGES:
+                ms = {m: 1e3 * float(np.median(times[((unit, impl, size), m)])) for m in net}
+                cells.append(f"{ms['train']:.2f} / {ms['infer']:.2f}")
+                for m in net:
+                    net[m] += blocks * ms[m]
+            k_train, k_infer = runs[(unit, impl, STAGES[0][0])]["kernels"]
+            print(
+                f"| {unit} | {impl} | " + " | ".join(cells) + f" | {net['train']:.1f} / "
+                f"{net['infer']:.1f} | {k_train} / {k_infer} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
