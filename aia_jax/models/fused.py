@@ -214,7 +214,7 @@ def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
     autodiff of the taps, or of the Conv3d, takes 30-100× longer on CPU). The loop runs over
     `dout`'s own grid (the middle of `wide`) with the shifts on the padded inputs: 1.7× fewer
     steps than the padded grid for a 7×7 map. (One loop per input, 27 accumulators each, was
-    no faster in the network: each loop recomputes `dout`, the batch-norm gradient, itself.)
+    faster alone but no faster in a unit: each loop recomputes `dout`, the batch-norm gradient.)
     """
     d1, d2, d3 = (n - 4 for n in wide.shape[1:])
     dout = wide[:, 2 : 2 + d1, 2 : 2 + d2, 2 : 2 + d3]
