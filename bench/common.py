@@ -28,6 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/x.py` from the repository root
     sys.path.insert(0, str(ROOT))
 
+from aia_jax import xla_cpu  # noqa: E402
+
+xla_cpu.apply_cpu_flags()  # the flags train.py runs with; AIA_JAX_XLA_CPU_FLAGS=0 for none
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 

@@ -27,7 +27,12 @@ FLAG_SETS = {
     ),
     "no xnnpack": "--xla_cpu_use_xnnpack=false",
     "fast math": "--xla_cpu_enable_fast_math=true",
+    "no concurrency scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
 }
+
+
+# Each set runs with exactly its flags, not with those train.py adds (aia_jax.xla_cpu).
+os.environ["AIA_JAX_XLA_CPU_FLAGS"] = "0"
 
 
 def child(args: argparse.Namespace) -> None:
