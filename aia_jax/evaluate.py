@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from aia_jax import metrics_report, modelio
+from aia_jax import metrics_report, modelio, xla_cpu
 from aia_jax.train import mesh as mesh_lib
 
 PyTree = Any
@@ -589,4 +589,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Only as a command: the flags are process-wide, so importing the module sets none.
+    xla_cpu.apply_cpu_flags()
     sys.exit(main())

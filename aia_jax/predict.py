@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from aia_jax import xla_cpu
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULTS = {
     "resize": (240, 320),
@@ -278,4 +280,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Only as a command: the flags are process-wide, so importing the module sets none.
+    xla_cpu.apply_cpu_flags()
     sys.exit(main())

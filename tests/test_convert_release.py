@@ -286,3 +286,17 @@ def test_conversion_needs_no_torch(tmp_path, cinst_state):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ok", str(len(cinst_state))]
+
+
+def test_variable_shapes_are_traced_once_per_model_and_copied_per_call():
+    def make(classes):
+        return models.create("TSM_CinST_BN", num_classes=classes, depth=14, width=8)
+
+    release._traced_shapes.cache_clear()
+    first = release.variable_shapes(make(3))
+    first["params"].clear()  # a caller editing its copy changes nobody else's
+    again = release.variable_shapes(make(3))  # an equal, separately built module
+    assert release._traced_shapes.cache_info().hits == 1
+    assert again["params"]["new_fc"]["kernel"].shape == (256, 3)  # width 8: 8 * 32 features
+    other = release.variable_shapes(make(5))
+    assert other["params"]["new_fc"]["kernel"].shape == (256, 5)

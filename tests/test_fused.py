@@ -89,6 +89,43 @@ def test_gate_product_value_and_gradient(axes, weights):
     _close(vjp_fused(dout), vjp_ref(dout))
 
 
+@pytest.mark.parametrize("features", [1, 3])
+def test_gate_norm_equals_flax_batch_norm(features):
+    """Value, new running statistics and the gradient of all three (the statistics' cotangents
+    included, which a training step never sends) against `nn.BatchNorm`, train and eval."""
+    import flax.linen as nn
+
+    x = 3 * _normal(20, (2, 3, 4, 5, features)) + 1
+    ref = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+    new = attention.GateNorm()
+    variables = ref.init(jax.random.key(0), x)
+    assert jax.tree_util.tree_map(jnp.shape, new.init(jax.random.key(0), x, train=True)) == (
+        jax.tree_util.tree_map(jnp.shape, variables)
+    )
+    variables = jax.tree_util.tree_map(lambda v: v + 0.5 * _normal(21, v.shape), variables)
+    probe = _normal(22, x.shape)
+
+    def loss(apply, params, x):
+        v = {"params": params, "batch_stats": variables["batch_stats"]}
+        y, upd = apply(v, x)
+        stats = upd["batch_stats"]
+        return jnp.vdot(y, probe) + 3 * stats["mean"].sum() - 2 * stats["var"].sum(), (y, upd)
+
+    def train_ref(v, x):
+        return ref.apply(v, x, mutable=["batch_stats"])
+
+    def train_new(v, x):
+        return new.apply(v, x, train=True, mutable=["batch_stats"])
+
+    got = jax.value_and_grad(functools.partial(loss, train_new), (0, 1), has_aux=True)
+    want = jax.value_and_grad(functools.partial(loss, train_ref), (0, 1), has_aux=True)
+    _close(got(variables["params"], x), want(variables["params"], x), 1e-5, 1e-5)
+    _close(
+        new.apply(variables, x, train=False),
+        nn.BatchNorm(use_running_average=True, epsilon=1e-5).apply(variables, x),
+    )
+
+
 def _variables(module, x, seed=0):
     variables = module.init(jax.random.key(seed), x, train=False)
     # Non-trivial BN statistics and affine parameters in every gate.

@@ -10,6 +10,7 @@ from aia_jax import xla_cpu
 
 FLAG = xla_cpu.CPU_FLAGS[0]
 NAME = FLAG.split("=")[0]
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -52,3 +53,40 @@ def test_installed_jaxlib_accepts_the_flags():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "2.0"
+
+
+def test_commands_apply_the_flags_before_the_backend_starts():
+    # Each command run as a program gets the flags before any device exists; importing its
+    # module as a library sets nothing.
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "AIA_JAX_XLA_CPU_FLAGS")}
+    if not xla_cpu.apply_cpu_flags(dict(env)):
+        pytest.skip(f"jaxlib {xla_cpu._jaxlib_minor()} is not in MEASURED_JAXLIB")
+    code = """if True:
+        import contextlib, io, os, runpy, sys
+        import aia_jax.evaluate, aia_jax.predict
+        from jax._src import xla_bridge
+        print("IMPORTED", os.environ.get("XLA_FLAGS", ""))
+        for target in sys.argv[1:]:
+            os.environ.pop("XLA_FLAGS", None)
+            sys.argv = [target, "--help"]
+            with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+                if target.endswith(".py"):
+                    runpy.run_path(target, run_name="__main__")
+                else:
+                    runpy.run_module(target, run_name="__main__", alter_sys=True)
+            flags = os.environ.get("XLA_FLAGS", "")
+            print("RAN", target, flags, xla_bridge.backends_are_initialized())
+    """
+    targets = ["aia_jax.evaluate", "aia_jax.predict", os.path.join(_REPO, "train.py")]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *targets],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=_REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln.split(" ") for ln in proc.stdout.splitlines() if ln.startswith(("IMPORTED", "RAN"))]
+    assert lines[0] == ["IMPORTED", ""]
+    assert [ln[1:] for ln in lines[1:]] == [[t, FLAG, "False"] for t in targets]

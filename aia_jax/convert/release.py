@@ -8,6 +8,7 @@ table applied to every leaf: module path `layer1_0` ↔ `layer1.0`, `downsample_
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -61,7 +62,21 @@ def to_torch_layout(array: np.ndarray) -> np.ndarray:
 
 
 def variable_shapes(model: VideoNet) -> Variables:
-    """Shapes (`jax.ShapeDtypeStruct`) of the model's variables, without allocating them."""
+    """Shapes (`jax.ShapeDtypeStruct`) of the model's variables, without allocating them.
+
+    Tracing a ResNet-50's `init` takes seconds and a conversion needs the shapes more than once
+    (to check the keys each way), so they are remembered per model (modules are frozen
+    dataclasses: equal fields, equal shapes); each call returns its own copy of the tree.
+    """
+    try:
+        shapes = _traced_shapes(model)
+    except TypeError:  # a module with an unhashable field: trace it every time
+        shapes = _traced_shapes.__wrapped__(model)
+    return jax.tree.map(lambda s: s, shapes)
+
+
+@functools.lru_cache(maxsize=16)
+def _traced_shapes(model: VideoNet) -> Variables:
     clips = jnp.zeros((1, model.num_segments, 32, 32, 3), jnp.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), clips, train=False))
     return unfreeze(shapes)

@@ -121,6 +121,38 @@ class GateConv(nn.Module):
         return fused.gate_conv(p_max.astype(jnp.float32), p_mean.astype(jnp.float32), kernel)
 
 
+class GateNorm(nn.Module):
+    """The gate's `BatchNorm3d(1)` for `impl='fused'`: `nn.BatchNorm`'s variables and function.
+
+    The same `scale`/`bias` parameters and `mean`/`var` statistics (momentum 0.9 as Flax counts
+    it, biased batch variance), so checkpoints do not depend on `impl`; in training the batch
+    statistics and their gradient come from `fused.batch_norm` (one reduction each way).
+    """
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        features = (x.shape[-1],)
+        stats = jnp.float32
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats), features)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats), features)
+        scale = self.param("scale", nn.initializers.ones, features, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype)
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if not train:
+            y = (x - ra_mean.value) * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+            return y.astype(self.dtype)
+        y, mean, var = fused.batch_norm(x, scale, bias, self.epsilon)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y.astype(self.dtype)
+
+
 def _norm(dtype: Dtype, param_dtype: Dtype, train: bool, name: str) -> nn.BatchNorm:
     return nn.BatchNorm(
         use_running_average=not train,
@@ -161,6 +193,15 @@ class AttentionUnit(nn.Module):
             raise ValueError(
                 f"unknown attention unit {self.unit!r}; expected one of {list(UNIT_GATES)}"
             )
+        if self.impl == "fused":
+            gates = {
+                g: (
+                    GateConv(g, self.dtype, self.param_dtype, impl=self.impl, name=f"{g}_conv"),
+                    partial(GateNorm(self.dtype, self.param_dtype, name=f"{g}_bn"), train=train),
+                )
+                for g in UNIT_GATES[self.unit]
+            }
+            return self._fused(x, gates)
         gates = {
             g: (
                 GateConv(g, self.dtype, self.param_dtype, impl=self.impl, name=f"{g}_conv"),
@@ -168,8 +209,6 @@ class AttentionUnit(nn.Module):
             )
             for g in UNIT_GATES[self.unit]
         }
-        if self.impl == "fused":
-            return self._fused(x, gates)
 
         def gate(name: str, inp: jax.Array) -> jax.Array:
             return _apply_gate(inp, name, *gates[name], x.dtype)
@@ -187,7 +226,7 @@ class AttentionUnit(nn.Module):
             return x * gate("C", x * st_gate(x))
         raise AssertionError(self.unit)
 
-    def _fused(self, x: jax.Array, gates: dict[str, tuple[GateConv, nn.BatchNorm]]) -> jax.Array:
+    def _fused(self, x: jax.Array, gates: dict[str, tuple[GateConv, Callable]]) -> jax.Array:
         """The unit with `fused` primitives: one pooling call per map, one product per gating."""
 
         def gate_values(inp: jax.Array, names: str) -> tuple[jax.Array, ...]:

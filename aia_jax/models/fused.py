@@ -9,8 +9,9 @@ XLA:CPU (jax 0.10) two of those lower to pathological code (measured, see bench/
 - a reduction over axis 1 of a `[b, t, h, w, c]` map (the T gate's pool, and the transpose of
   its broadcast) becomes a YNNPACK fusion that is ~100× slower than summing the t slices.
 
-The three primitives here avoid both, and their gradients are written out so that XLA sees a
-few elementwise passes and reductions instead of what autodiff would trace:
+The primitives here avoid both, and their gradients are written out so that XLA sees a few
+elementwise passes and reductions instead of what autodiff would trace (at batch 1 every
+kernel costs microseconds to launch whatever its size, so fewer kernels is faster):
 
 - `pool(x, axes)`: max and mean of `x` over each of `axes` (one call for all axes a unit
   pools over, so XLA can read the map once); gradient `mask·dmax/ties + dmean/n`, the same
@@ -20,6 +21,9 @@ few elementwise passes and reductions instead of what autodiff would trace:
   reduction (54 sums in one loop).
 - `gate_product(x, gates, axes, weights)`: `x · Σ w·gate` with each gate broadcast along the
   axis it was pooled over; gradient `dout·Σ w·gate` and, per gate, `w·Σ_axis(dout·x)`.
+- `batch_norm(x, scale, bias, epsilon)`: the gate's training-mode batch norm, its statistics
+  and its gradient's two sums each one variadic reduction (`attention.GateNorm` holds its
+  variables, named as `nn.BatchNorm`'s).
 
 Nothing here is CPU-specific: on GPU the same programs are a handful of fused loops.
 """
@@ -277,6 +281,57 @@ def _gate_conv_bwd(res, dout):
 
 
 gate_conv.defvjp(_gate_conv_fwd, _gate_conv_bwd)
+
+
+# --- the gate's batch norm -----------------------------------------------------------------
+
+
+def _sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`Σ a` and `Σ b` over every axis but the last, as one variadic reduction (one loop)."""
+    zero = jnp.zeros((), a.dtype)
+    axes = tuple(range(a.ndim - 1))
+    return jax.lax.reduce((a, b), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]), axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch norm over every axis but the last: `(y, batch mean, batch var)`.
+
+    The same function as `nn.BatchNorm` (biased variance as `E[x²] - E[x]²`, clipped at 0),
+    with the statistics and, in the gradient, `Σdy` and `Σdy·x̂` each as one variadic reduction:
+    a gate's norm is then 2 loops forward and 2 back, where autodiff of `nn.BatchNorm` gives
+    XLA:CPU about 10 small kernels (at batch 1 each costs more to launch than to run).
+    """
+    return _batch_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+    n = x.size // x.shape[-1]
+    total, squares = _sums(x, x * x)
+    mean = total / n
+    var = jnp.maximum(0.0, squares / n - mean * mean)
+    inv = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean) * (inv * scale) + bias
+    return (y, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_bwd(epsilon, res, cts):
+    del epsilon
+    x, mean, inv, scale = res
+    dy, dmean, dvar = cts
+    n = x.size // x.shape[-1]
+    centred = x - mean
+    x_hat = centred * inv
+    dbias, dscale = _sums(dy, dy * x_hat)
+    dx = (inv * scale / n) * (n * dy - dbias - x_hat * dscale)
+    # The batch statistics are outputs too (the running averages); usually their cotangent is 0.
+    dx = dx + dmean / n + dvar * (2 / n) * centred
+    return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 # --- applying the gates ---------------------------------------------------------------------

@@ -14,7 +14,10 @@ plus the best one by validation top-1.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -28,6 +31,24 @@ from aia_jax.train.step import TrainState
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "val_top1"
 STATE, DATA_ITER = "state", "data_iter"
+# Orbax warns at every save without metrics once a best-metric is tracked. Periodic saves carry
+# none on purpose (they never compete for "best"), so that one message is dropped around them.
+_NO_METRICS_WARNING = "Requested `tracked_metric`; did not provide metrics."
+
+
+class _DropNoMetricsWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != _NO_METRICS_WARNING
+
+
+@contextlib.contextmanager
+def _without_no_metrics_warning() -> Iterator[None]:
+    absl_logger, drop = logging.getLogger("absl"), _DropNoMetricsWarning()
+    absl_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(drop)
 
 
 def _best_fn(metrics: dict[str, Any]) -> float:
@@ -96,9 +117,11 @@ class Checkpoints:
         items = {STATE: ocp.args.StandardSave(state.to_dict())}
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
-        return self.manager.save(
-            step, args=ocp.args.Composite(**items), metrics=metrics, force=True
-        )
+        quiet = _without_no_metrics_warning() if metrics is None else contextlib.nullcontext()
+        with quiet:
+            return self.manager.save(
+                step, args=ocp.args.Composite(**items), metrics=metrics, force=True
+            )
 
     def restore(self, step: int, abstract_state: TrainState, data_iter: Any) -> TrainState:
         """Restores the state (with the shardings of `abstract_state`) and the iterator."""
