@@ -194,22 +194,22 @@ class AttentionUnit(nn.Module):
             raise ValueError(
                 f"unknown attention unit {self.unit!r}; expected one of {list(UNIT_GATES)}"
             )
-        if self.impl == "fused":
-            gates = {
-                g: (
-                    GateConv(g, self.dtype, self.param_dtype, impl=self.impl, name=f"{g}_conv"),
-                    partial(GateNorm(self.dtype, self.param_dtype, name=f"{g}_bn"), train=train),
-                )
-                for g in UNIT_GATES[self.unit]
-            }
-            return self._fused(x, gates)
+
+        def norm(gate: str) -> Callable[[jax.Array], jax.Array]:
+            if self.impl == "fused":
+                module = GateNorm(self.dtype, self.param_dtype, name=f"{gate}_bn")
+                return partial(module, train=train)
+            return _norm(self.dtype, self.param_dtype, train, f"{gate}_bn")
+
         gates = {
             g: (
                 GateConv(g, self.dtype, self.param_dtype, impl=self.impl, name=f"{g}_conv"),
-                _norm(self.dtype, self.param_dtype, train, f"{g}_bn"),
+                norm(g),
             )
             for g in UNIT_GATES[self.unit]
         }
+        if self.impl == "fused":
+            return self._fused(x, gates)
 
         def gate(name: str, inp: jax.Array) -> jax.Array:
             return _apply_gate(inp, name, *gates[name], x.dtype)
