@@ -4,14 +4,10 @@ Config fields can be overridden on the command line, e.g. `--config.optimizer.lr
 that holds checkpoints is resumed from its latest one. See configs/common.py for the fields.
 """
 
-from aia_jax import xla_cpu
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-xla_cpu.apply_cpu_flags()  # before JAX creates its backend (aia_jax.train imports jax)
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from aia_jax import train  # noqa: E402
+from aia_jax import train, xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
@@ -42,4 +38,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # XLA reads XLA_FLAGS when the first backend is created, not when jax is imported.
+    xla_cpu.apply_cpu_flags()
     app.run(main)
