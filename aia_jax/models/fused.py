@@ -15,7 +15,8 @@ kernel costs microseconds to launch whatever its size, so fewer kernels is faste
 
 - `pool(x, axes)`: max and mean of `x` over each of `axes` (one call for all axes a unit
   pools over, so XLA can read the map once); gradient `mask·dmax/ties + dmean/n`, the same
-  subgradient as `jnp.max` (ties share the gradient equally).
+  subgradient as `jnp.max` (ties share the gradient equally), with the ties counted in the
+  forward pass's reduction.
 - `gate_conv(p_max, p_mean, kernel)`: the gate's convolution as 27 shifted multiply-adds of
   the small pooled map; input gradient by the flipped taps, kernel gradient as one variadic
   reduction (54 sums in one loop).
@@ -46,7 +47,7 @@ _TAPS = list(itertools.product(range(3), repeat=3))
 
 
 def _reduce(x: jax.Array, axis: int, kind: str) -> jax.Array:
-    """`max` (in x's dtype), float32 `sum` or `count` (in x's integer dtype) of `x` over `axis`.
+    """`max` (in x's dtype) or float32 `sum` of `x` over `axis`.
 
     Over axis 1, XLA:CPU hands a plain reduction to a YNNPACK fusion ~20× slower than adding
     the t slices, but a chain of slice additions it fuses into every user, which then redoes
@@ -61,7 +62,7 @@ def _reduce(x: jax.Array, axis: int, kind: str) -> jax.Array:
     if axis != _SLICED_AXIS or x.shape[axis] < 2:
         if kind == "max":
             return jnp.max(x, axis=axis)
-        return jnp.sum(x, axis=axis, dtype=x.dtype)
+        return jnp.sum(x, axis=axis)
     half = x.shape[axis] // 2
     lo = jax.lax.slice_in_dim(x, 0, half, axis=axis)
     hi = jax.lax.slice_in_dim(x, half, 2 * half, axis=axis)
@@ -97,6 +98,37 @@ def _max_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     return mx.astype(x.dtype), total.astype(jnp.float32)
 
 
+def _max_count_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Max of `x` over `axis` (in x's dtype), how many elements equal it, and the sum (float32).
+
+    One variadic reduction, i.e. one read of the map, gives what the pool's gradient needs (the
+    tie count included, which would otherwise take a second pass after the max). XLA:CPU emits
+    it fast over a short axis only (8 frames: 0.2 ms for a `layer1` map, against ~1.5 ms over 56
+    rows), so a long axis is reduced in two stages, over chunks of at most 8 and then over the
+    chunks; counts combine as `Σ count where the partial max is the max`.
+    """
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    xa = x.astype(acc)
+
+    def combine(a, b):
+        mx = jnp.maximum(a[0], b[0])
+        count = jnp.where(a[0] == mx, a[1], 0) + jnp.where(b[0] == mx, b[1], 0)
+        return mx, count, a[2] + b[2]
+
+    init = (jnp.array(-jnp.inf, acc), jnp.array(0, acc), jnp.array(0, acc))
+    n = x.shape[axis]
+    chunk = max(d for d in range(1, min(n, 8) + 1) if n % d == 0)
+    operands = (xa, jnp.ones_like(xa), xa)
+    if chunk in (1, n):
+        mx, count, total = jax.lax.reduce(operands, init, combine, (axis,))
+    else:
+        split = x.shape[:axis] + (n // chunk, chunk) + x.shape[axis + 1 :]
+        operands = tuple(o.reshape(split) for o in operands)
+        partial = jax.lax.reduce(operands, init, combine, (axis + 1,))
+        mx, count, total = jax.lax.reduce(partial, init, combine, (axis,))
+    return mx.astype(x.dtype), count.astype(jnp.float32), total.astype(jnp.float32)
+
+
 def _reduce_product(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
     """float32 `Σ_axis a·b`.
 
@@ -129,28 +161,33 @@ def pool(x: jax.Array, axes: Sequence[int]) -> tuple[tuple[jax.Array, jax.Array]
     Returns:
       `((max_0, mean_0), (max_1, mean_1), …)`, each with that axis removed.
     """
-    return _pool_fwd(x, axes)[0]
+    return _pool_values(x, axes)
+
+
+def _pool_values(x, axes):
+    out = []
+    for a in axes:
+        mx, total = _max_sum(x, a)
+        out.append((mx.astype(jnp.float32), total / x.shape[a]))
+    return tuple(out)
 
 
 def _pool_fwd(x, axes):
-    pairs = [_max_sum(x, a) for a in axes]
-    out = tuple((m.astype(jnp.float32), s / x.shape[a]) for a, (m, s) in zip(axes, pairs))
-    return out, (x, tuple(m for m, _ in pairs))
+    # Under differentiation each axis is one pass that also counts the ties for the gradient.
+    stats = [_max_count_sum(x, a) for a in axes]
+    out = tuple((m.astype(jnp.float32), s / x.shape[a]) for a, (m, _, s) in zip(axes, stats))
+    return out, (x, tuple((m, ties) for m, ties, _ in stats))
 
 
 def _pool_bwd(axes, res, cts):
-    x, maxes = res
+    x, stats = res
     dx = None
-    for a, m, (dmax, dmean) in zip(axes, maxes, cts, strict=True):
+    for a, (m, ties), (dmax, dmean) in zip(axes, stats, cts, strict=True):
         hit = x == _expand(m, a)
-        # Ties share the gradient, as jnp.max's does. Counted in int16 (axes are short): XLA:CPU
-        # hands float and int32 sums to YNNPACK, which cannot fuse the comparison and first
-        # writes a full-size mask.
-        count_dtype = jnp.int16 if x.shape[a] < 2**15 else jnp.int32
-        ties = _reduce(hit.astype(count_dtype), a, "count").astype(jnp.float32)
-        # Both pooled factors are divisions by a computed value: XLA:CPU fuses a cheap producer
-        # (`dmean / 8` is a multiply) into a user that broadcasts it, which would redo the gate
-        # convolution's gradient for every element of the map; an expensive one it writes once.
+        # Ties share the gradient, as jnp.max's does. Both pooled factors are divisions by a
+        # computed value: XLA:CPU fuses a cheap producer (`dmean / 8` is a multiply) into a user
+        # that broadcasts it, which would redo the gate convolution's gradient for every element
+        # of the map; an expensive one it writes once.
         mean_scale = dmean / (ties * 0 + x.shape[a])
         term = jnp.where(hit, _expand(dmax / ties, a), 0.0) + _expand(mean_scale, a)
         dx = term if dx is None else dx + term
@@ -219,6 +256,9 @@ def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
     `dout`'s own grid (the middle of `wide`) with the shifts on the padded inputs: 1.7× fewer
     steps than the padded grid for a 7×7 map. (One loop per input, 27 accumulators each, was
     faster alone but no faster in a unit: each loop recomputes `dout`, the batch-norm gradient.)
+    The loop keeps the first map axis, whose rows XLA:CPU splits between threads (a reduction to
+    scalars runs on one), and a small sum over it follows: 1.7-2× faster on 2 cores for the T
+    gate's 56×56×64 map, ~20 % off a unit's training step (bench/RESULTS.md §3).
     """
     d1, d2, d3 = (n - 4 for n in wide.shape[1:])
     dout = wide[:, 2 : 2 + d1, 2 : 2 + d2, 2 : 2 + d3]
@@ -227,9 +267,9 @@ def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
     )
     zeros = tuple(jnp.float32(0) for _ in operands)
     sums = jax.lax.reduce(
-        operands, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (0, 1, 2, 3)
+        operands, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (0, 2, 3)
     )
-    return jnp.stack(sums).reshape(len(_TAPS), len(padded))
+    return jnp.stack(sums).sum(axis=1).reshape(len(_TAPS), len(padded))
 
 
 def _transposed_taps(wide: jax.Array, weights: jax.Array) -> jax.Array:
@@ -273,7 +313,8 @@ def _gate_conv_fwd(p_max, p_mean, kernel):
 def _gate_conv_bwd(res, dout):
     padded, kernel = res
     w = kernel.reshape(27, 2).astype(jnp.float32)
-    wide = jnp.pad(dout, ((0, 0), (2, 2), (2, 2), (2, 2)))
+    # The output is float32, but a wider cotangent can arrive (a float64 network under x64).
+    wide = jnp.pad(dout.astype(jnp.float32), ((0, 0), (2, 2), (2, 2), (2, 2)))
     d_max = _transposed_taps(wide, w[:, 0])
     d_mean = _transposed_taps(wide, w[:, 1])
     dk = _kernel_grad(padded, wide).reshape(kernel.shape).astype(kernel.dtype)
