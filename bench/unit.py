@@ -2,6 +2,7 @@
 
     python bench/unit.py                              # C, ST, CinST, STinC; fused; batch 1
     python bench/unit.py --units CinST --impls fused,xla --reps 9
+    python bench/unit.py --units CinST --baseline /tmp/old   # fused vs an older checkout's
 
 Each unit runs on a map of one ResNet-50 stage (`[b, 8, 56, 56, 64]` … `[b, 8, 7, 7, 512]`,
 the shapes after `conv2`), as inference and as a gradient of a fixed linear function of its
@@ -10,11 +11,19 @@ then timed round-robin. "net" is the sum over the 3 + 4 + 6 + 3 blocks of a ResN
 unit's cost in one network pass if nothing else ran alongside. "kernels" counts the compiled
 program's top-level operations (fusions, reductions, custom calls): at batch 1 each costs
 microseconds of dispatch whatever its size, and inside a network they sit on the critical path.
+
+`--baseline DIR` adds the rows `fused@baseline`: the same units traced with the fused
+primitives of another checkout (`DIR/aia_jax/models/fused.py`, e.g. a `git worktree` of an
+older commit) in place of this one's, timed in the same round-robin, so that an A/B of a change
+to `fused.py` is not at the mercy of the load between two runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import pathlib
 import re
 import time
 
@@ -23,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aia_jax.models import attention
 from aia_jax.models.attention import AttentionUnit
 
 # (h = w, channels, blocks) of ResNet-50's four stages at 224² input.
@@ -37,6 +47,28 @@ def kernel_count(compiled) -> int:
     entry = text[text.index("ENTRY") :]
     ops = re.findall(r"^\s*(?:ROOT )?%\S+ = (?:\(.*?\)|\S+) ([\w\-]+)\(", entry, re.M)
     return sum(op not in _NOT_KERNELS for op in ops)
+
+
+def load_fused(checkout: str):
+    """The `fused` module of another checkout, imported under its own name."""
+    path = pathlib.Path(checkout) / "aia_jax" / "models" / "fused.py"
+    if not path.is_file():
+        raise SystemExit(f"--baseline {checkout}: no {path}")
+    spec = importlib.util.spec_from_file_location("baseline_fused", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def fused_primitives(module):
+    """Traces `attention`'s fused path with `module`'s primitives (None: this checkout's)."""
+    own = attention.fused
+    attention.fused = module or own
+    try:
+        yield
+    finally:
+        attention.fused = own
 
 
 def build(unit: str, impl: str, shape: tuple[int, ...], dtype) -> dict:
@@ -75,17 +107,22 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--baseline", help="checkout whose fused.py to time alongside")
     args = parser.parse_args()
     common.print_environment(common.environment())
     dtype = common.DTYPES[args.dtype]
 
+    variants = [(impl, impl, None) for impl in args.impls]
+    if args.baseline:
+        variants.append(("fused@baseline", "fused", load_fused(args.baseline)))
     runs = {}
     for unit in args.units:
-        for impl in args.impls:
-            for size, channels, _ in STAGES:
-                shape = (args.batch, args.frames, size, size, channels)
-                runs[(unit, impl, size)] = build(unit, impl, shape, dtype)
-            print(f"compiled {unit} ({impl})", flush=True)
+        for label, impl, primitives in variants:
+            with fused_primitives(primitives):
+                for size, channels, _ in STAGES:
+                    shape = (args.batch, args.frames, size, size, channels)
+                    runs[(unit, label, size)] = build(unit, impl, shape, dtype)
+            print(f"compiled {unit} ({label})", flush=True)
 
     times = {(key, mode): [] for key in runs for mode in ("train", "infer")}
     for _ in range(args.reps):
@@ -103,7 +140,7 @@ def main() -> None:
     print(f"| unit | impl | {stage_cols} | net train / infer | kernels train / infer (56²) |")
     print("|---|---|" + "---|" * (len(STAGES) + 2))
     for unit in args.units:
-        for impl in args.impls:
+        for impl, _, _ in variants:
             cells, net = [], {"train": 0.0, "infer": 0.0}
             for size, _, blocks in STAGES:
                 ms = {m: 1e3 * float(np.median(times[((unit, impl, size), m)])) for m in net}
