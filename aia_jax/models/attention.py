@@ -31,10 +31,11 @@ Dtype = Any
 
 IMPLS = ("xla", "fused")
 # 'fused' avoids XLA:CPU's slow small-channel Conv3d, axis-1 reductions and autodiff
-# transposes: on CPU (bench/RESULTS.md §3) TSM+CinST/STinC cost +2..12 % (inference) and
-# -0.4..+10 % (batch-1 training step; the low end since the gate norm is `fused.batch_norm`)
-# over the plain TSM with it, against +120..300 % with 'xla'; it compiles in ~3x the time of
-# 'xla' (~40-50 s for a ResNet-50 training step on 2 cores).
+# transposes: on CPU (bench/RESULTS.md §3) TSM+CinST/STinC cost +2..5 % (inference, recent
+# runs) and -0.4..+8.6 % (batch-1 training step, since `fused.batch_norm` and the threaded
+# kernel gradient) over the plain TSM with it, against +120..300 % with 'xla'; two units cost
+# about twice that. It compiles in ~3x the time of 'xla' (~40-50 s for a ResNet-50 training
+# step on 2 cores).
 DEFAULT_IMPL = "fused"
 
 # For each gate: the axis of the `[b, t, h, w, c]` map it pools over, and how the release's
