@@ -185,6 +185,36 @@ def interleaved(
     return times
 
 
+def paired_overhead(times: Sequence[float], base: Sequence[float], confidence: float = 0.9):
+    """Overhead of `times` over `base` in %, from the ratio of each round's pair of runs.
+
+    `interleaved` times one run of each function per round, so a round's two runs share the
+    machine's load of that moment; their ratio cancels slow drifts that ratios of medians do
+    not. Returns the median ratio and a distribution-free `confidence` interval for it (the
+    order statistics that a Binomial(n, 1/2) count puts the median between), as percentages;
+    the interval is (nan, nan) with fewer than 5 rounds, where none exists at 90 %.
+    """
+    import math
+
+    ratios = np.sort(np.asarray(times) / np.asarray(base))
+    n = len(ratios)
+    median = 100 * (float(np.median(ratios)) - 1)
+    # Largest k with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2: the CI is [r_k, r_(n-1-k)].
+    tail, k, cdf = (1 - confidence) / 2, -1, 0.0
+    while cdf + math.comb(n, k + 1) / 2**n <= tail:
+        k += 1
+        cdf += math.comb(n, k) / 2**n
+    if k < 0:
+        return median, float("nan"), float("nan")
+    return median, 100 * (float(ratios[k]) - 1), 100 * (float(ratios[n - 1 - k]) - 1)
+
+
+def fmt_overhead(median: float, lo: float, hi: float) -> str:
+    """`+5.1 % [-0.1, +9.3]`; the interval as `[–]` where there were too few rounds for one."""
+    ci = "[–]" if np.isnan(lo) else f"[{lo:+.1f}, {hi:+.1f}]"
+    return f"{median:+.1f} % {ci}"
+
+
 class _MallInfo2(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_size_t)
@@ -349,17 +379,47 @@ def train_state(variables: Any) -> tuple:
 # --- PyTorch --------------------------------------------------------------------------------
 
 
+def torch_device() -> str:
+    """Where the PyTorch side runs: 'cuda' when JAX runs on a GPU and PyTorch sees one, else 'cpu'.
+
+    Both frameworks of a table then run on the same device, so every ratio compares like with
+    like. On CUDA the reference runs as the release's training script runs it: cuDNN's
+    autotuner on (`cudnn.benchmark`), PyTorch's default TF32 convolutions, NCHW tensors.
+    """
+    import torch
+
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return "cuda"
+    return "cpu"
+
+
 def torch_model(name: str, frames: int = 8):
     from tests import torch_reference
 
-    return torch_reference.build(name, NUM_CLASSES, num_segments=frames, depth=50)
+    model = torch_reference.build(name, NUM_CLASSES, num_segments=frames, depth=50)
+    return model.to(torch_device())
 
 
 def torch_clips(batch: int, frames: int, size: int, seed: int = 0):
     import torch
 
     x = np.random.default_rng(seed).normal(size=(batch, frames, 3, size, size))
-    return torch.from_numpy(x.astype(np.float32))
+    return torch.from_numpy(x.astype(np.float32)).to(torch_device())
+
+
+def torch_labels(batch: int):
+    import torch
+
+    return (torch.arange(batch) % NUM_CLASSES).to(torch_device())
+
+
+def _torch_sync(device: str) -> None:
+    """Waits for the device's queued work: CUDA kernels run asynchronously to Python."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def torch_inference(model, clips, dtype: str) -> Callable[[], Any]:
@@ -368,8 +428,10 @@ def torch_inference(model, clips, dtype: str) -> Callable[[], Any]:
     model.eval()
 
     def run():
-        with torch.no_grad(), _autocast(dtype):
-            return model(clips)
+        with torch.no_grad(), _autocast(dtype, clips.device.type):
+            out = model(clips)
+        _torch_sync(clips.device.type)
+        return out
 
     return run
 
@@ -382,21 +444,41 @@ def torch_train_step(model, clips, labels, dtype: str) -> Callable[[], Any]:
 
     def run():
         opt.zero_grad(set_to_none=True)
-        with _autocast(dtype):
+        with _autocast(dtype, clips.device.type):
             logits = model(clips)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         loss.backward()
         opt.step()
-        return loss.item()
+        return loss.item()  # waits for the step, on CUDA too
 
     return run
 
 
-def _autocast(dtype: str):
+def torch_memory_growth(fn: Callable[[], Any]) -> int:
+    """Bytes one call of `fn` allocates on top of what was live before it.
+
+    CUDA: the caching allocator's peak over the call (`max_memory_allocated`). CPU: the C heap
+    sampled every millisecond (`heap_peak`), since PyTorch's CPU allocator keeps no peak.
+    """
+    import torch
+
+    if torch_device() == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    with heap_peak() as mem:
+        fn()
+    return mem["peak"] - mem["base"]
+
+
+def _autocast(dtype: str, device: str = "cpu"):
     import torch
 
     if dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

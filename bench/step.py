@@ -9,14 +9,17 @@ For each form × placement × dtype × batch (ResNet-50, 8 × 224², 174 classes
   (momentum 0.9, weight decay 1e-4) in one `jit` with the state donated.
 - PyTorch (tests/torch_reference.py, as the release runs it): eager `model(x)` under
   `torch.no_grad()` for inference; `loss.backward(); opt.step()` for training; bf16 through
-  `torch.autocast('cpu', dtype=torch.bfloat16)`. There is no PyTorch I3D in the release.
+  `torch.autocast(device, dtype=torch.bfloat16)`. It runs on the device JAX runs on (CUDA when
+  JAX is on a GPU, `common.torch_device`). By default it is timed in the JAX row's dtype;
+  `--torch-dtypes float32,bfloat16` times it in each (the release trains in float32, so a bf16
+  JAX step is compared with both). There is no PyTorch I3D in the release.
 
 JAX and PyTorch of one configuration are timed round-robin in the same process (warm-up, then
 `--reps` alternating repetitions), so a change of machine load hits both; the tables give the
 median and the minimum. Peak memory: JAX from the compiled executable's `memory_analysis()`
-(arguments + outputs + temporaries − donated aliases); PyTorch as the growth of the C heap in
-use (glibc `mallinfo2`) during one step, sampled every millisecond: what the step allocates on
-top of the live model and optimiser state (its CPU allocator keeps no peak counter). MFU
+(arguments + outputs + temporaries − donated aliases); PyTorch as what one step allocates on
+top of the live model and optimiser state (`common.torch_memory_growth`: the CUDA allocator's
+peak, or on CPU the C heap sampled every millisecond, as its CPU allocator keeps no peak). MFU
 is XLA's FLOP count of the step over its time, divided by the peak `common.assumed_peak` states;
 the PyTorch column uses the same FLOP count (same network).
 """
@@ -45,40 +48,45 @@ def run_config(args, form: str, placement: str, dtype: str, batch: int, mode: st
     row["compile_s"] = secs
     row.update(common.cost(compiled))
     fns = {"jax": jax_fn}
-    torch_ok = not args.no_torch and form in common.TORCH_FORMS
-    if torch_ok:
-        import torch
-
+    torch_dtypes = (args.torch_dtypes or [dtype]) if form in common.TORCH_FORMS else []
+    if args.no_torch:
+        torch_dtypes = []
+    if torch_dtypes:
         tmodel = common.torch_model(name, args.frames)
         tclips = common.torch_clips(batch, args.frames, args.size)
-        if mode == "infer":
-            fns["torch"] = common.torch_inference(tmodel, tclips, dtype)
-        else:
-            tlabels = torch.arange(batch) % common.NUM_CLASSES
-            fns["torch"] = common.torch_train_step(tmodel, tclips, tlabels, dtype)
+        for tdtype in torch_dtypes:
+            if mode == "infer":
+                fns[f"torch-{tdtype}"] = common.torch_inference(tmodel, tclips, tdtype)
+            else:
+                tlabels = common.torch_labels(batch)
+                fns[f"torch-{tdtype}"] = common.torch_train_step(tmodel, tclips, tlabels, tdtype)
     times = common.interleaved(fns, args.warmup, args.reps)
     for k, ts in times.items():
         row[f"{k}_ms_median"] = common.median_ms(ts)
         row[f"{k}_ms_min"] = common.min_ms(ts)
         row[f"{k}_ms_all"] = [round(t * 1e3, 1) for t in ts]
-    if torch_ok:
-        with common.heap_peak() as mem:
-            fns["torch"]()
-        row["torch_heap_growth_bytes"] = mem["peak"] - mem["base"]
+    row["torch_dtypes"] = torch_dtypes
+    if torch_dtypes:
+        row["torch_mem_growth_bytes"] = common.torch_memory_growth(fns[f"torch-{torch_dtypes[0]}"])
         del fns, tmodel
     gc.collect()
     return row
 
 
 def fmt_rows(rows: list[dict], mode: str, peak: float) -> str:
+    """One markdown table of `mode`: JAX's figures, then each PyTorch dtype's beside them."""
+    rows = [r for r in rows if r["mode"] == mode]
+    torch_dtypes = list(dict.fromkeys(d for r in rows for d in r["torch_dtypes"]))
     head = (
         "| net | dtype | batch | JAX ms median (min) | clips/s | compile s | XLA peak (temp) MiB |"
-        " GFLOP/s | MFU % | PT ms median (min) | PT clips/s | PT heap+ MiB | JAX/PT time |"
+        " GFLOP/s | MFU % |"
     )
+    for d in torch_dtypes:
+        head += f" PT {d} ms median (min) | PT {d} clips/s | JAX/PT {d} time |"
+    if torch_dtypes:
+        head += " PT mem+ MiB |"
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        if r["mode"] != mode:
-            continue
         name = common.model_name(r["form"], r["placement"])
         med, mn = r["jax_ms_median"], r["jax_ms_min"]
         gflops = r["flops"] / (med / 1e3) / 1e9
@@ -87,12 +95,16 @@ def fmt_rows(rows: list[dict], mode: str, peak: float) -> str:
         line += f" {r.get('peak_bytes', float('nan')) / 2**20:.0f}"
         line += f" ({r.get('temp_bytes', float('nan')) / 2**20:.0f}) | {gflops:.0f} |"
         line += f" {100 * gflops * 1e9 / peak:.1f} |"
-        if "torch_ms_median" in r:
-            tmed, tmn = r["torch_ms_median"], r["torch_ms_min"]
-            line += f" {tmed:.0f} ({tmn:.0f}) | {r['batch'] / (tmed / 1e3):.2f} |"
-            line += f" {r['torch_heap_growth_bytes'] / 2**20:.0f} | {med / tmed:.2f} |"
-        else:
-            line += " – | – | – | – |"
+        for d in torch_dtypes:
+            if f"torch-{d}_ms_median" in r:
+                tmed, tmn = r[f"torch-{d}_ms_median"], r[f"torch-{d}_ms_min"]
+                line += f" {tmed:.0f} ({tmn:.0f}) | {r['batch'] / (tmed / 1e3):.2f} |"
+                line += f" {med / tmed:.2f} |"
+            else:
+                line += " – | – | – |"
+        if torch_dtypes:
+            growth = r.get("torch_mem_growth_bytes")
+            line += f" {growth / 2**20:.0f} |" if growth is not None else " – |"
         out.append(line)
     return "\n".join(out)
 
@@ -101,6 +113,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_flags(parser)
     parser.add_argument("--modes", type=common.csv, default=["infer", "train"])
+    parser.add_argument(
+        "--torch-dtypes",
+        type=common.csv,
+        default=None,
+        help="PyTorch dtypes timed beside each JAX row (default: the row's own dtype)",
+    )
     args = parser.parse_args()
 
     env = common.environment()
