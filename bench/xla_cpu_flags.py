@@ -1,13 +1,17 @@
-"""XLA:CPU flag sets tried on the training step and the inference of one network (CPU only).
+"""XLA:CPU settings tried on the training step and the inference of networks (CPU only).
 
     python bench/xla_cpu_flags.py                       # TSM_CinST_BN, batch 1, f32
-    python bench/xla_cpu_flags.py --name TSM --reps 5
+    python bench/xla_cpu_flags.py --names TSM,TSM_CinST_BN --reps 11 \
+        --sets "no concurrency scheduler;host memory kept"
 
-XLA:CPU's convolutions (and their gradients) are what keeps the JAX training step behind the
-PyTorch one on CPU (bench/RESULTS.md). This script times the same jitted step (common.py) under
-each candidate `XLA_FLAGS` set, each in a fresh subprocess (flags are read once per process),
-so that the effect of the oneDNN / XNNPACK / YNNPACK paths of jax's XLA can be seen side by
-side. A flag set that fails to compile or run is reported as such, not skipped.
+XLA reads `XLA_FLAGS` once per process, so each (network, flag set) pair compiles in a
+subprocess of its own. The subprocesses are then timed round-robin: the parent asks each in turn
+for one repetition while the others wait idle on their pipe, so that a change of the machine's
+load lands on every pair alike (sequential runs of the sets drift apart by ±10 % here). The
+"vs first set" column is each network's time under a set over its time under the first set, and
+the overhead column each network's time over the first network's under the same set: both the
+median of the rounds' paired ratios with its 90 % interval (`common.paired_overhead`).
+A flag set that fails to compile or run is reported as such, not skipped.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 
+# The flags each set runs with: exactly these, not those train.py adds (aia_jax.xla_cpu).
 FLAG_SETS = {
     "default": "",
     "onednn": "--xla_cpu_use_onednn=true",
@@ -28,46 +32,75 @@ FLAG_SETS = {
     "no xnnpack": "--xla_cpu_use_xnnpack=false",
     "fast math": "--xla_cpu_enable_fast_math=true",
     "no concurrency scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+    "512-bit vectors": (
+        "--xla_cpu_enable_concurrency_optimized_scheduler=false --xla_cpu_prefer_vector_width=512"
+    ),
+    # What train.py applies (aia_jax.xla_cpu): the flag above and glibc keeping freed memory.
+    "host memory kept": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+    "host memory kept, 512-bit vectors": (
+        "--xla_cpu_enable_concurrency_optimized_scheduler=false --xla_cpu_prefer_vector_width=512"
+    ),
 }
+# Sets that also apply `aia_jax.xla_cpu.retain_host_memory` in their process.
+RETAIN_HOST_MEMORY = {"host memory kept", "host memory kept, 512-bit vectors"}
+MODES = ("infer", "train")
 
-
-# Each set runs with exactly its flags, not with those train.py adds (aia_jax.xla_cpu).
 os.environ["AIA_JAX_XLA_CPU_FLAGS"] = "0"
 
 
 def child(args: argparse.Namespace) -> None:
-    """Runs in the subprocess: compile and time one step, print one JSON line."""
+    """Runs in a subprocess: compiles, says READY, then times one run per `infer`/`train` line."""
+    import time
+
+    if args.retain_host_memory:
+        from aia_jax import xla_cpu
+
+        if not xla_cpu.retain_host_memory():
+            raise SystemExit("retain_host_memory does not apply on this host")
+
     import common
     import jax.numpy as jnp
 
-    out = {}
     clips = common.jax_clips(args.batch, args.frames, args.size)
     labels = jnp.arange(args.batch, dtype=jnp.int32) % common.NUM_CLASSES
-    model = common.jax_model(args.name, args.dtype, args.frames, args.impl)
+    model = common.jax_model(args.names, args.dtype, args.frames, args.impl)
     variables = common.jax_variables(model, clips)
-    fns = {}
-    for mode in ("infer", "train"):
-        fns[mode], _, out[f"{mode}_compile_s"] = common.compiled_runner(
+    fns, compile_s = {}, {}
+    for mode in MODES:
+        fns[mode], _, compile_s[mode] = common.compiled_runner(
             model, variables, clips, labels, mode
         )
-    times = common.interleaved(fns, args.warmup, args.reps)
-    for k, ts in times.items():
-        out[f"{k}_ms_median"], out[f"{k}_ms_min"] = common.median_ms(ts), common.min_ms(ts)
-    print("RESULT " + json.dumps(out), flush=True)
+        for _ in range(args.warmup):
+            fns[mode]()
+    print("READY " + json.dumps(compile_s), flush=True)
+    for line in sys.stdin:
+        t0 = time.perf_counter()
+        fns[line.strip()]()
+        print(f"TIME {time.perf_counter() - t0}", flush=True)
+
+
+def _read(proc: subprocess.Popen, tag: str) -> str:
+    """The payload of the child's next line that starts with `tag`; raises if it ended."""
+    for line in proc.stdout:
+        if line.startswith(tag + " "):
+            return line[len(tag) + 1 :]
+    err = (proc.stderr.read().strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"exit {proc.wait()}: {err[:120]}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--name", default="TSM_CinST_BN")
+    parser.add_argument("--names", default="TSM_CinST_BN", help="networks; the first is the base")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--impl", default=None, help="attention impl (default: the library's)")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--sets", default=",".join(FLAG_SETS), help="names of FLAG_SETS")
+    parser.add_argument("--sets", default=";".join(FLAG_SETS), help="FLAG_SETS names, ';' between")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--retain-host-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -76,40 +109,77 @@ def main() -> None:
     import common
 
     common.print_environment(common.environment())
-    forwarded = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("sets", "child")]
-    forwarded = [f for f in forwarded if not f.endswith("=None")]
-    rows = []
-    for name in args.sets.split(","):
-        env = dict(os.environ, XLA_FLAGS=FLAG_SETS[name])
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", *forwarded],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            rows.append((name, None, f"failed (exit {proc.returncode}): {last[:120]}"))
-        else:
-            rows.append((name, json.loads(lines[-1][7:]), ""))
-        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    names, sets = args.names.split(","), args.sets.split(";")
+    skip = ("sets", "child", "names", "retain_host_memory")
+    shared = [f"--{k}={v}" for k, v in vars(args).items() if k not in skip]
+    shared = [f for f in shared if not f.endswith("=None")]
+    procs, compile_s, failed = {}, {}, {}
+    for flag_set in sets:
+        for name in names:
+            key = (name, flag_set)
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--child", f"--names={name}", *shared]
+                + (["--retain-host-memory"] if flag_set in RETAIN_HOST_MEMORY else []),
+                env=dict(os.environ, XLA_FLAGS=FLAG_SETS[flag_set]),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:  # compile one at a time: the children share the cores
+                compile_s[key] = json.loads(_read(proc, "READY"))
+                procs[key] = proc
+                print(f"compiled {name} under '{flag_set}'", flush=True)
+            except RuntimeError as e:
+                failed[key] = f"failed ({e})"
+    times = {(key, mode): [] for key in procs for mode in MODES}
+    for _ in range(args.reps):
+        for key, proc in list(procs.items()):
+            for mode in MODES:
+                try:
+                    proc.stdin.write(mode + "\n")
+                    proc.stdin.flush()
+                    times[(key, mode)].append(float(_read(proc, "TIME")))
+                except (RuntimeError, BrokenPipeError) as e:
+                    failed[key] = f"failed while timing ({e})"
+                    procs.pop(key)
+                    break
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
 
-    print(f"\n{args.name}, {args.dtype}, batch {args.batch}, {args.frames}×{args.size}²\n")
-    head = "| XLA_FLAGS | infer ms median (min) | train ms median (min) |"
-    head += " compile s (infer / train) |"
-    print(head + "\n|---|---|---|---|")
-    for name, r, err in rows:
-        flags = f"`{FLAG_SETS[name]}`" if FLAG_SETS[name] else "(none)"
-        if r is None:
-            print(f"| {flags} | {err} | | |")
-            continue
-        print(
-            f"| {flags} | {r['infer_ms_median']:.0f} ({r['infer_ms_min']:.0f}) |"
-            f" {r['train_ms_median']:.0f} ({r['train_ms_min']:.0f}) |"
-            f" {r['infer_compile_s']:.1f} / {r['train_compile_s']:.1f} |"
+    print(f"\n{args.dtype}, batch {args.batch}, {args.frames}×{args.size}², {args.reps} rounds\n")
+    head = "| network | XLA_FLAGS | infer ms median (min) | train ms median (min) |"
+    head += " vs first set, infer / train | overhead infer / train | compile s (infer / train) |"
+    print(head + "\n|---|---|---|---|---|---|---|")
+
+    def paired(key: tuple[str, str], base: tuple[str, str]) -> str:
+        if key == base or base not in procs:
+            return "–"
+        return " / ".join(
+            common.fmt_overhead(*common.paired_overhead(times[(key, m)], times[(base, m)]))
+            for m in MODES
         )
+
+    for flag_set in sets:
+        flags = f"`{FLAG_SETS[flag_set]}`" if FLAG_SETS[flag_set] else "(none)"
+        if flag_set in RETAIN_HOST_MEMORY:
+            flags += " + host memory kept"
+        for name in names:
+            key = (name, flag_set)
+            if key not in procs:
+                print(f"| {name} | {flags} | {failed.get(key, 'failed')} | | | | |")
+                continue
+            cells = []
+            for mode in MODES:
+                ts = times[(key, mode)]
+                cells.append(f"{common.median_ms(ts):.0f} ({common.min_ms(ts):.0f})")
+            c = compile_s[key]
+            print(
+                f"| {name} | {flags} | {cells[0]} | {cells[1]} |"
+                f" {paired(key, (name, sets[0]))} | {paired(key, (names[0], flag_set))} |"
+                f" {c['infer']:.1f} / {c['train']:.1f} |"
+            )
 
 
 if __name__ == "__main__":
