@@ -19,3 +19,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # Inherited by the subprocesses the trainer tests start.
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+from aia_jax import xla_cpu  # noqa: E402
+
+# What train.py runs with: glibc keeps the memory XLA:CPU frees between executions, instead of
+# faulting fresh pages in for every one (bench/RESULTS.md §5). Before any backend starts.
+xla_cpu.retain_host_memory()
