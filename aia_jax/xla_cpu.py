@@ -83,8 +83,9 @@ def retain_host_memory() -> bool:
     arenas that it trims, and hands the pages back on `free`: the next step faults every page in
     again and the kernel zeroes it. Measured on a TSM ResNet-50 training step (2 cores, batch
     1): 250,000 page faults and ~0.4 s of system time per 1.2 s step; with one arena, no `mmap`
-    and no trimming, none, and the step 1.3x faster (bench/RESULTS.md §5). The price is that
-    the process keeps its peak heap, as PyTorch's and JAX's GPU allocators keep theirs.
+    and no trimming, none, and the step 18 % faster side by side (bench/RESULTS.md §3, "Paired
+    intervals, and the page faults…"). The price is that the process keeps its peak heap, as
+    PyTorch's and JAX's GPU allocators keep theirs.
 
     Applied once per process, before the backend starts (the arena limit binds threads that
     start later), and only on Linux with glibc where JAX can run on the CPU alone. Returns

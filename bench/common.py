@@ -496,7 +496,9 @@ def add_common_flags(parser) -> None:
     parser.add_argument("--dtype", type=csv, default=["float32", "bfloat16"], help="dtypes")
     parser.add_argument("--batch-sizes", type=lambda s: [int(v) for v in csv(s)], default=[1, 2])
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
-    parser.add_argument("--warmup", type=int, default=1)
+    # Rounds before timing: with the host memory kept (xla_cpu.retain_host_memory), the heap
+    # grows over the first steps of every program in the process before each step reuses it.
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--impl", default="fused", help="JAX attention impl: fused | xla")
