@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -57,22 +58,23 @@ def apply_cpu_flags(environ: MutableMapping[str, str] = os.environ) -> list[str]
 
 # mallopt parameters of glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-# Packages that give JAX a GPU or TPU backend: with one installed the process may not be on CPU.
-_ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin", "libtpu")
 _retained = False
 
 
 def _cpu_only() -> bool:
-    """Whether JAX runs on the host CPU alone here: no accelerator plugin, or JAX_PLATFORMS=cpu."""
+    """Whether JAX runs on the host CPU alone here: JAX_PLATFORMS=cpu, or no other backend.
+
+    JAX finds GPU and other PJRT plugins through the `jax_plugins` entry points and namespace
+    package (jax-cuda*-plugin, jax-rocm*-plugin, …) and TPUs through `libtpu`; none of them is
+    imported here.
+    """
     if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
         return True
-    for name in _ACCELERATOR_PLUGINS:
-        try:
-            importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
+    if importlib.metadata.entry_points(group="jax_plugins"):
         return False
-    return True
+    return importlib.util.find_spec("jax_plugins") is None and (
+        importlib.util.find_spec("libtpu") is None
+    )
 
 
 def retain_host_memory() -> bool:

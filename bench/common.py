@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import functools
+import math
 import os
 import platform
 import subprocess
@@ -194,8 +196,6 @@ def paired_overhead(times: Sequence[float], base: Sequence[float], confidence: f
     order statistics that a Binomial(n, 1/2) count puts the median between), as percentages;
     the interval is (nan, nan) with fewer than 5 rounds, where none exists at 90 %.
     """
-    import math
-
     ratios = np.sort(np.asarray(times) / np.asarray(base))
     n = len(ratios)
     median = 100 * (float(np.median(ratios)) - 1)
@@ -379,6 +379,7 @@ def train_state(variables: Any) -> tuple:
 # --- PyTorch --------------------------------------------------------------------------------
 
 
+@functools.cache
 def torch_device() -> str:
     """Where the PyTorch side runs: 'cuda' when JAX runs on a GPU and PyTorch sees one, else 'cpu'.
 

@@ -48,17 +48,16 @@ def run_config(args, form: str, placement: str, dtype: str, batch: int, mode: st
     row["compile_s"] = secs
     row.update(common.cost(compiled))
     fns = {"jax": jax_fn}
-    torch_dtypes = (args.torch_dtypes or [dtype]) if form in common.TORCH_FORMS else []
-    if args.no_torch:
-        torch_dtypes = []
+    with_torch = form in common.TORCH_FORMS and not args.no_torch
+    torch_dtypes = (args.torch_dtypes or [dtype]) if with_torch else []
     if torch_dtypes:
         tmodel = common.torch_model(name, args.frames)
         tclips = common.torch_clips(batch, args.frames, args.size)
+        tlabels = common.torch_labels(batch)
         for tdtype in torch_dtypes:
             if mode == "infer":
                 fns[f"torch-{tdtype}"] = common.torch_inference(tmodel, tclips, tdtype)
             else:
-                tlabels = common.torch_labels(batch)
                 fns[f"torch-{tdtype}"] = common.torch_train_step(tmodel, tclips, tlabels, tdtype)
     times = common.interleaved(fns, args.warmup, args.reps)
     for k, ts in times.items():

@@ -22,44 +22,48 @@ import os
 import subprocess
 import sys
 
-# The flags each set runs with: exactly these, not those train.py adds (aia_jax.xla_cpu).
+import numpy as np
+
+_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+_WIDE = "--xla_cpu_prefer_vector_width=512"
+# Each set: exactly these XLA_FLAGS (not those train.py adds), and whether its process also
+# applies `aia_jax.xla_cpu.retain_host_memory` (glibc keeps the memory XLA frees).
 FLAG_SETS = {
-    "default": "",
-    "onednn": "--xla_cpu_use_onednn=true",
+    "default": ("", False),
+    "onednn": ("--xla_cpu_use_onednn=true", False),
     "onednn custom calls": (
-        "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true"
+        "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
+        False,
     ),
-    "no xnnpack": "--xla_cpu_use_xnnpack=false",
-    "fast math": "--xla_cpu_enable_fast_math=true",
-    "no concurrency scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
-    "512-bit vectors": (
-        "--xla_cpu_enable_concurrency_optimized_scheduler=false --xla_cpu_prefer_vector_width=512"
-    ),
-    # What train.py applies (aia_jax.xla_cpu): the flag above and glibc keeping freed memory.
-    "host memory kept": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
-    "host memory kept, 512-bit vectors": (
-        "--xla_cpu_enable_concurrency_optimized_scheduler=false --xla_cpu_prefer_vector_width=512"
-    ),
+    "no xnnpack": ("--xla_cpu_use_xnnpack=false", False),
+    "fast math": ("--xla_cpu_enable_fast_math=true", False),
+    "no concurrency scheduler": (_SCHEDULER, False),
+    "512-bit vectors": (f"{_SCHEDULER} {_WIDE}", False),
+    "host memory kept": (_SCHEDULER, True),  # what train.py applies (aia_jax.xla_cpu)
+    "host memory kept, 512-bit vectors": (f"{_SCHEDULER} {_WIDE}", True),
 }
-# Sets that also apply `aia_jax.xla_cpu.retain_host_memory` in their process.
-RETAIN_HOST_MEMORY = {"host memory kept", "host memory kept, 512-bit vectors"}
 MODES = ("infer", "train")
 
 os.environ["AIA_JAX_XLA_CPU_FLAGS"] = "0"
 
 
 def child(args: argparse.Namespace) -> None:
-    """Runs in a subprocess: compiles, says READY, then times one run per `infer`/`train` line."""
+    """Runs in a subprocess: compiles, says READY, then runs once per `infer`/`train` line.
+
+    Each run answers its seconds, minor page faults and system CPU seconds; at the end of input
+    the process's peak resident set (KiB).
+    """
+    import resource
     import time
+
+    import common  # first: it puts the repository on sys.path
+    import jax.numpy as jnp
 
     if args.retain_host_memory:
         from aia_jax import xla_cpu
 
         if not xla_cpu.retain_host_memory():
             raise SystemExit("retain_host_memory does not apply on this host")
-
-    import common
-    import jax.numpy as jnp
 
     clips = common.jax_clips(args.batch, args.frames, args.size)
     labels = jnp.arange(args.batch, dtype=jnp.int32) % common.NUM_CLASSES
@@ -74,9 +78,13 @@ def child(args: argparse.Namespace) -> None:
             fns[mode]()
     print("READY " + json.dumps(compile_s), flush=True)
     for line in sys.stdin:
-        t0 = time.perf_counter()
+        usage, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         fns[line.strip()]()
-        print(f"TIME {time.perf_counter() - t0}", flush=True)
+        seconds = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        faults, system_s = after.ru_minflt - usage.ru_minflt, after.ru_stime - usage.ru_stime
+        print(f"TIME {seconds} {faults} {system_s}", flush=True)
+    print(f"RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", flush=True)
 
 
 def _read(proc: subprocess.Popen, tag: str) -> str:
@@ -113,14 +121,15 @@ def main() -> None:
     skip = ("sets", "child", "names", "retain_host_memory")
     shared = [f"--{k}={v}" for k, v in vars(args).items() if k not in skip]
     shared = [f for f in shared if not f.endswith("=None")]
-    procs, compile_s, failed = {}, {}, {}
+    procs, compile_s, failed, peak_rss = {}, {}, {}, {}
     for flag_set in sets:
+        xla_flags, retain = FLAG_SETS[flag_set]
         for name in names:
             key = (name, flag_set)
             proc = subprocess.Popen(
                 [sys.executable, __file__, "--child", f"--names={name}", *shared]
-                + (["--retain-host-memory"] if flag_set in RETAIN_HOST_MEMORY else []),
-                env=dict(os.environ, XLA_FLAGS=FLAG_SETS[flag_set]),
+                + (["--retain-host-memory"] if retain else []),
+                env=dict(os.environ, XLA_FLAGS=xla_flags),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -133,25 +142,31 @@ def main() -> None:
             except RuntimeError as e:
                 failed[key] = f"failed ({e})"
     times = {(key, mode): [] for key in procs for mode in MODES}
+    faults = {key: [] for key in procs}  # (page faults, system seconds) of each training step
     for _ in range(args.reps):
         for key, proc in list(procs.items()):
             for mode in MODES:
                 try:
                     proc.stdin.write(mode + "\n")
                     proc.stdin.flush()
-                    times[(key, mode)].append(float(_read(proc, "TIME")))
+                    seconds, minflt, system_s = _read(proc, "TIME").split()
+                    times[(key, mode)].append(float(seconds))
+                    if mode == "train":
+                        faults[key].append((int(minflt), float(system_s)))
                 except (RuntimeError, BrokenPipeError) as e:
                     failed[key] = f"failed while timing ({e})"
                     procs.pop(key)
                     break
-    for proc in procs.values():
+    for key, proc in procs.items():
         proc.stdin.close()
+        peak_rss[key] = int(_read(proc, "RSS")) / 2**10
         proc.wait()
 
     print(f"\n{args.dtype}, batch {args.batch}, {args.frames}×{args.size}², {args.reps} rounds\n")
     head = "| network | XLA_FLAGS | infer ms median (min) | train ms median (min) |"
     head += " vs first set, infer / train | overhead infer / train | compile s (infer / train) |"
-    print(head + "\n|---|---|---|---|---|---|---|")
+    head += " train: page faults, system ms (median) | peak RSS MiB |"
+    print(head + "\n" + "|---" * 9 + "|")
 
     def paired(key: tuple[str, str], base: tuple[str, str]) -> str:
         if key == base or base not in procs:
@@ -162,13 +177,14 @@ def main() -> None:
         )
 
     for flag_set in sets:
-        flags = f"`{FLAG_SETS[flag_set]}`" if FLAG_SETS[flag_set] else "(none)"
-        if flag_set in RETAIN_HOST_MEMORY:
+        xla_flags, retain = FLAG_SETS[flag_set]
+        flags = f"`{xla_flags}`" if xla_flags else "(none)"
+        if retain:
             flags += " + host memory kept"
         for name in names:
             key = (name, flag_set)
             if key not in procs:
-                print(f"| {name} | {flags} | {failed.get(key, 'failed')} | | | | |")
+                print(f"| {name} | {flags} | {failed.get(key, 'failed')} |" + " |" * 6)
                 continue
             cells = []
             for mode in MODES:
@@ -179,6 +195,8 @@ def main() -> None:
                 f"| {name} | {flags} | {cells[0]} | {cells[1]} |"
                 f" {paired(key, (name, sets[0]))} | {paired(key, (names[0], flag_set))} |"
                 f" {c['infer']:.1f} / {c['train']:.1f} |"
+                f" {np.median([f for f, _ in faults[key]]):,.0f},"
+                f" {1e3 * np.median([t for _, t in faults[key]]):.0f} | {peak_rss[key]:.0f} |"
             )
 
 

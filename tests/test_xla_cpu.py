@@ -151,15 +151,19 @@ def test_retain_host_memory_only_where_jax_is_cpu_only(monkeypatch):
 
 def test_cpu_only_sees_accelerator_plugins(monkeypatch):
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-
-    def version(name):
-        if name == "jax-cuda13-plugin":
-            return "0.11.2"
-        raise xla_cpu.importlib.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(xla_cpu.importlib.metadata, "version", version)
+    entry_points, specs = [], set()
+    monkeypatch.setattr(xla_cpu.importlib.metadata, "entry_points", lambda group: entry_points[:])
+    monkeypatch.setattr(xla_cpu.importlib.util, "find_spec", lambda n: n if n in specs else None)
+    assert xla_cpu._cpu_only() is True
+    entry_points.append("xla_cuda13 = jax_cuda13_plugin")  # what jax-cuda13-plugin registers
     assert xla_cpu._cpu_only() is False
+    entry_points.clear()
+    for found in ("jax_plugins", "libtpu"):
+        specs.add(found)
+        assert xla_cpu._cpu_only() is False
+        specs.clear()
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    specs.add("libtpu")
     assert xla_cpu._cpu_only() is True
 
 
