@@ -12,19 +12,19 @@ unit's cost in one network pass if nothing else ran alongside. "kernels" counts 
 program's top-level operations (fusions, reductions, custom calls): at batch 1 each costs
 microseconds of dispatch whatever its size, and inside a network they sit on the critical path.
 
-`--baseline DIR` adds the rows `fused@baseline`: the same units traced with the fused
-primitives of another checkout (`DIR/aia_jax/models/fused.py`, e.g. a `git worktree` of an
-older commit) in place of this one's, timed in the same round-robin, so that an A/B of a change
-to `fused.py` is not at the mercy of the load between two runs.
+`--baseline DIR` adds the rows `fused@baseline`: the same units built from another checkout's
+`aia_jax/models/attention.py` and `fused.py` (e.g. a `git worktree` of an older commit), timed
+in the same round-robin, so that an A/B of a change to either is not at the mercy of the load
+between two runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import pathlib
 import re
+import sys
 import time
 
 import common
@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from aia_jax.models import attention
-from aia_jax.models.attention import AttentionUnit
 
 # (h = w, channels, blocks) of ResNet-50's four stages at 224² input.
 STAGES = [(56, 64, 3), (28, 128, 4), (14, 256, 6), (7, 512, 3)]
@@ -49,32 +48,31 @@ def kernel_count(compiled) -> int:
     return sum(op not in _NOT_KERNELS for op in ops)
 
 
-def load_fused(checkout: str):
-    """The `fused` module of another checkout, imported under its own name."""
-    path = pathlib.Path(checkout) / "aia_jax" / "models" / "fused.py"
-    if not path.is_file():
-        raise SystemExit(f"--baseline {checkout}: no {path}")
-    spec = importlib.util.spec_from_file_location("baseline_fused", path)
+def _load(name: str, path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # Flax's dataclass transform looks the module up by name.
     spec.loader.exec_module(module)
     return module
 
 
-@contextlib.contextmanager
-def fused_primitives(module):
-    """Traces `attention`'s fused path with `module`'s primitives (None: this checkout's)."""
-    own = attention.fused
-    attention.fused = module or own
-    try:
-        yield
-    finally:
-        attention.fused = own
+def load_attention(checkout: str):
+    """The `attention` module of another checkout, imported under its own name with that
+    checkout's `fused` primitives."""
+    models = pathlib.Path(checkout) / "aia_jax" / "models"
+    for f in ("attention.py", "fused.py"):
+        if not (models / f).is_file():
+            raise SystemExit(f"--baseline {checkout}: no {models / f}")
+    fused = _load("baseline_fused", models / "fused.py")
+    module = _load("baseline_attention", models / "attention.py")
+    module.fused = fused
+    return module
 
 
-def build(unit: str, impl: str, shape: tuple[int, ...], dtype) -> dict:
+def build(unit: str, impl: str, shape: tuple[int, ...], dtype, models=attention) -> dict:
     x = jax.random.normal(jax.random.key(0), shape, dtype)
     probe = jax.random.normal(jax.random.key(2), shape, jnp.float32)
-    module = AttentionUnit(unit, dtype=dtype, impl=impl)
+    module = models.AttentionUnit(unit, dtype=dtype, impl=impl)
     variables = module.init(jax.random.key(1), x, train=True)
     stats = variables["batch_stats"]
 
@@ -112,16 +110,15 @@ def main() -> None:
     common.print_environment(common.environment())
     dtype = common.DTYPES[args.dtype]
 
-    variants = [(impl, impl, None) for impl in args.impls]
+    variants = [(impl, impl, attention) for impl in args.impls]
     if args.baseline:
-        variants.append(("fused@baseline", "fused", load_fused(args.baseline)))
+        variants.append(("fused@baseline", "fused", load_attention(args.baseline)))
     runs = {}
     for unit in args.units:
-        for label, impl, primitives in variants:
-            with fused_primitives(primitives):
-                for size, channels, _ in STAGES:
-                    shape = (args.batch, args.frames, size, size, channels)
-                    runs[(unit, label, size)] = build(unit, impl, shape, dtype)
+        for label, impl, models in variants:
+            for size, channels, _ in STAGES:
+                shape = (args.batch, args.frames, size, size, channels)
+                runs[(unit, label, size)] = build(unit, impl, shape, dtype, models)
             print(f"compiled {unit} ({label})", flush=True)
 
     times = {(key, mode): [] for key in runs for mode in ("train", "infer")}
