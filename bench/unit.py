@@ -9,8 +9,9 @@ the shapes after `conv2`), as inference and as a gradient of a fixed linear func
 output (parameters and input: what a training step needs). All programs are compiled first,
 then timed round-robin. "net" is the sum over the 3 + 4 + 6 + 3 blocks of a ResNet-50, i.e. the
 unit's cost in one network pass if nothing else ran alongside. "kernels" counts the compiled
-program's top-level operations (fusions, reductions, custom calls): at batch 1 each costs
-microseconds of dispatch whatever its size, and inside a network they sit on the critical path.
+program's top-level operations (fusions, reductions, custom calls). Cutting a unit's kernels by
+a fifth did not change its time measurably (bench/RESULTS.md §3, 2026-12-04): the count says how
+the program is cut up, not what it costs.
 
 `--baseline DIR` adds the rows `fused@baseline`: the same units built from another checkout's
 `aia_jax/models/attention.py` and `fused.py` (e.g. a `git worktree` of an older commit), timed
