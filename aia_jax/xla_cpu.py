@@ -5,8 +5,8 @@ know. So `apply_cpu_flags` runs before anything touches a device, adds only flag
 installed jaxlib was measured with, and never overrides a flag the user set. It also has glibc's
 allocator keep the memory XLA:CPU frees (`retain_host_memory`). `train.py`, the evaluate and
 predict commands and the benchmarks call it; set `AIA_JAX_XLA_CPU_FLAGS=0` to run with XLA's
-and glibc's defaults. Code that imports the modules into its own program makes these settings
-itself (README, "Speed").
+and glibc's defaults, or `AIA_JAX_RETAIN_HOST_MEMORY=0` to keep glibc's alone. Code that imports
+the modules into its own program makes these settings itself (README, "Speed").
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import importlib.util
 import os
 import platform
 import sys
+import threading
 from collections.abc import MutableMapping
+
+from absl import logging
 
 # XLA:CPU's concurrency-optimized scheduler runs the stride-2 convolution gradients of a
 # ResNet-50 training step at batch > 1 up to 27x slower (bench/RESULTS.md §3); it only affects
@@ -41,11 +44,11 @@ def apply_cpu_flags(environ: MutableMapping[str, str] = os.environ) -> list[str]
     A flag whose name already appears in `XLA_FLAGS` is left as the user set it (set it to
     `true` to keep XLA's default). Nothing is added for a jaxlib outside `MEASURED_JAXLIB`, or
     when `AIA_JAX_XLA_CPU_FLAGS=0`. Called on the real environment, it also applies
-    `retain_host_memory`.
+    `retain_host_memory`, unless `AIA_JAX_RETAIN_HOST_MEMORY=0`.
     """
     if environ.get("AIA_JAX_XLA_CPU_FLAGS", "1") == "0":
         return []
-    if environ is os.environ:
+    if environ is os.environ and environ.get("AIA_JAX_RETAIN_HOST_MEMORY", "1") != "0":
         retain_host_memory()
     if _jaxlib_minor() not in MEASURED_JAXLIB:
         return []
@@ -58,7 +61,15 @@ def apply_cpu_flags(environ: MutableMapping[str, str] = os.environ) -> list[str]
 
 # mallopt parameters of glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# mallopt takes an int; glibc stores the threshold as a size_t, so -1 is "never trim" (mallopt(3)).
+# The largest positive int, 2 GiB, let glibc trim again once a step's temporaries passed 2 GiB.
+_NEVER_TRIM = -1
+# glibc's own values, restored by `release_host_memory`.
+_GLIBC_MMAP_MAX, _GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024
+# The kept heap is a cache: past this share of the memory the process may use, it is handed back.
+RETAIN_LIMIT_FRACTION = 0.5
 _retained = False
+_released = threading.Event()
 
 
 def _cpu_only() -> bool:
@@ -77,20 +88,47 @@ def _cpu_only() -> bool:
     )
 
 
-def retain_host_memory() -> bool:
+def memory_limit() -> int:
+    """Bytes this process may use: the machine's memory, or its cgroup's limit if lower."""
+    limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            limit = min(limit, int(value))
+    return limit
+
+
+def resident_bytes() -> int:
+    """This process's resident set, from /proc/self/statm."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def retain_host_memory(limit_bytes: int | None = None, poll_s: float = 0.5) -> bool:
     """Has glibc's malloc keep the memory XLA:CPU frees, for the next step to reuse.
 
-    XLA:CPU allocates each execution's temporaries (about 1 GiB for a ResNet-50 training step)
-    and frees them after it. glibc serves such blocks with fresh `mmap`s, or from per-thread
-    arenas that it trims, and hands the pages back on `free`: the next step faults every page in
-    again and the kernel zeroes it. Measured on a TSM ResNet-50 training step (2 cores, batch
-    1): 250,000 page faults and ~0.4 s of system time per 1.2 s step; with one arena, no `mmap`
-    and no trimming, none, and the step 18 % faster side by side (bench/RESULTS.md §3, "Paired
-    intervals, and the page faults…"). The price is that the process keeps its peak heap, as
-    PyTorch's and JAX's GPU allocators keep theirs, and that the heap grows to a plateau over
-    the first steps (freed blocks do not always fit the next request): a TSM_CinST_BN training
-    loop with evaluation passes stayed at 3.7 GiB resident from step 10 to 60, against a 3.5 GiB
-    peak with glibc's defaults.
+    XLA:CPU allocates each execution's temporaries (about 1 GiB for a ResNet-50 training step
+    at batch 1, 3.6 GiB at batch 4) and frees them after it. glibc serves such blocks with fresh
+    `mmap`s, or from per-thread arenas that it trims, and hands the pages back on `free`: the
+    next step faults every page in again and the kernel zeroes it. Measured on a TSM ResNet-50
+    training step (2 cores): 250,000 page faults and ~0.4 s of system time per 1.2 s step at
+    batch 1, a million faults and ~5 s per 10 s step at batch 4. With one arena, no `mmap` and
+    no trimming there are none once the heap has grown, and training steps run 17–41 % faster
+    (bench/RESULTS.md §3, 2026-12-03 and 2026-12-04).
+
+    The price is memory: the process keeps its heap, and the heap grows over the first steps
+    because freed blocks do not always fit the next request. In a training loop that
+    dispatches steps without waiting (as `train.py` does) it grew to about three steps'
+    temporaries over the live arrays: TSM ResNet-50 at batch 1, 3.7 GiB resident against 2.1
+    GiB with glibc's defaults; at batch 4, 11.5–15 GiB against 5 GiB. So a daemon thread
+    checks the resident set every `poll_s` seconds, and once it passes `limit_bytes` (default:
+    `RETAIN_LIMIT_FRACTION` of `memory_limit()`) calls `release_host_memory` and logs a
+    warning: the process then runs as with glibc's defaults. `AIA_JAX_RETAIN_HOST_MEMORY=0`
+    (read by `apply_cpu_flags`) keeps glibc's defaults from the start.
 
     Applied once per process, before the backend starts (the arena limit binds threads that
     start later), and only on Linux with glibc where JAX can run on the CPU alone. Returns
@@ -105,6 +143,45 @@ def retain_host_memory() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
     _retained = all(mallopt(param, value) == 1 for param, value in settings)
+    if _retained:
+        limit = int(RETAIN_LIMIT_FRACTION * memory_limit()) if limit_bytes is None else limit_bytes
+        threading.Thread(
+            target=_watch, args=(limit, poll_s), name="aia_jax-host-memory", daemon=True
+        ).start()
     return _retained
+
+
+def _watch(limit: int, poll_s: float) -> None:
+    while not _released.wait(poll_s):
+        resident = resident_bytes()
+        if resident > limit:
+            release_host_memory()
+            logging.warning(
+                "aia_jax.xla_cpu: resident memory %.1f GiB passed the %.1f GiB limit of the "
+                "kept heap; glibc's allocator defaults restored (slower steps, less memory; "
+                "AIA_JAX_RETAIN_HOST_MEMORY=0 starts that way).",
+                resident / 2**30,
+                limit / 2**30,
+            )
+            return
+
+
+def release_host_memory() -> bool:
+    """Undoes `retain_host_memory`: glibc's `mmap` and trimming back, free heap pages returned.
+
+    Blocks allocated from then on are handed back on `free` again; `malloc_trim` returns the
+    free pages inside the kept heap at once. (The single arena stays: it binds threads at their
+    start.) Returns whether there was anything to undo.
+    """
+    global _retained
+    if not _retained:
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+    libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+    libc.malloc_trim(0)
+    _retained = False
+    _released.set()
+    return True

@@ -353,7 +353,8 @@ def compiled_runner(
     """Compiles inference (`mode='infer'`) or one training step ('train', state donated).
 
     Returns a callable that runs it once and blocks, the compiled executable (for `cost`), and
-    the compile seconds. The training callable carries its state from call to call.
+    the compile seconds. The training callable carries its state from call to call; `run(n)`
+    dispatches n steps back to back, as a training loop does, and blocks after the last.
     """
     if mode == "infer":
         compiled, secs = compile_timed(inference_fn(model), variables, clips)
@@ -361,8 +362,9 @@ def compiled_runner(
     box = [train_state(variables)]
     compiled, secs = compile_timed(train_step_fn(model), box[0], clips, labels, donate_argnums=(0,))
 
-    def run() -> None:
-        box[0], loss = compiled(box[0], clips, labels)
+    def run(steps: int = 1) -> None:
+        for _ in range(steps):
+            box[0], loss = compiled(box[0], clips, labels)
         jax.block_until_ready((box[0], loss))
 
     return run, compiled, secs

@@ -3,6 +3,8 @@
     python bench/xla_cpu_flags.py                       # TSM_CinST_BN, batch 1, f32
     python bench/xla_cpu_flags.py --names TSM,TSM_CinST_BN --reps 11 \
         --sets "no concurrency scheduler;host memory kept"
+    python bench/xla_cpu_flags.py --names TSM --batch 4 --loop 3 \
+        --sets "no concurrency scheduler;host memory kept;host memory kept, trimmed above 2 GiB"
 
 XLA reads `XLA_FLAGS` once per process, so each (network, flag set) pair compiles in a
 subprocess of its own. The subprocesses are then timed round-robin: the parent asks each in turn
@@ -11,7 +13,9 @@ load lands on every pair alike (sequential runs of the sets drift apart by ±10 
 "vs first set" column is each network's time under a set over its time under the first set, and
 the overhead column each network's time over the first network's under the same set: both the
 median of the rounds' paired ratios with its 90 % interval (`common.paired_overhead`).
-A flag set that fails to compile or run is reported as such, not skipped.
+`--loop N` adds a third mode, N training steps dispatched back to back as `train.py` dispatches
+them (per step): the heap of a loop that does not wait for each step grows differently from
+one that does. A flag set that fails to compile or run is reported as such, not skipped.
 """
 
 from __future__ import annotations
@@ -26,23 +30,27 @@ import numpy as np
 
 _SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 _WIDE = "--xla_cpu_prefer_vector_width=512"
-# Each set: exactly these XLA_FLAGS (not those train.py adds), and whether its process also
-# applies `aia_jax.xla_cpu.retain_host_memory` (glibc keeps the memory XLA frees).
+# Each set: exactly these XLA_FLAGS (not those train.py adds), whether its process also
+# applies `aia_jax.xla_cpu.retain_host_memory` (glibc keeps the memory XLA frees), and a glibc
+# trim threshold set after it (None: the one retain_host_memory sets).
 FLAG_SETS = {
-    "default": ("", False),
-    "onednn": ("--xla_cpu_use_onednn=true", False),
+    "default": ("", False, None),
+    "onednn": ("--xla_cpu_use_onednn=true", False, None),
     "onednn custom calls": (
         "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
         False,
+        None,
     ),
-    "no xnnpack": ("--xla_cpu_use_xnnpack=false", False),
-    "fast math": ("--xla_cpu_enable_fast_math=true", False),
-    "no concurrency scheduler": (_SCHEDULER, False),
-    "512-bit vectors": (f"{_SCHEDULER} {_WIDE}", False),
-    "host memory kept": (_SCHEDULER, True),  # what train.py applies (aia_jax.xla_cpu)
-    "host memory kept, 512-bit vectors": (f"{_SCHEDULER} {_WIDE}", True),
+    "no xnnpack": ("--xla_cpu_use_xnnpack=false", False, None),
+    "fast math": ("--xla_cpu_enable_fast_math=true", False, None),
+    "no concurrency scheduler": (_SCHEDULER, False, None),
+    "512-bit vectors": (f"{_SCHEDULER} {_WIDE}", False, None),
+    "host memory kept": (_SCHEDULER, True, None),  # what train.py applies (aia_jax.xla_cpu)
+    "host memory kept, 512-bit vectors": (f"{_SCHEDULER} {_WIDE}", True, None),
+    # What retain_host_memory set before 2026-12-04: the largest int, so glibc trimmed a free
+    # top of more than 2 GiB.
+    "host memory kept, trimmed above 2 GiB": (_SCHEDULER, True, 2**31 - 1),
 }
-MODES = ("infer", "train")
 
 os.environ["AIA_JAX_XLA_CPU_FLAGS"] = "0"
 
@@ -50,9 +58,10 @@ os.environ["AIA_JAX_XLA_CPU_FLAGS"] = "0"
 def child(args: argparse.Namespace) -> None:
     """Runs in a subprocess: compiles, says READY, then runs once per `infer`/`train` line.
 
-    Each run answers its seconds, minor page faults and system CPU seconds; at the end of input
-    the process's peak resident set (KiB).
+    Each run answers its seconds, minor page faults and system CPU seconds (per step for
+    `loop`); at the end of input the process's peak resident set (KiB).
     """
+    import ctypes
     import resource
     import time
 
@@ -64,26 +73,32 @@ def child(args: argparse.Namespace) -> None:
 
         if not xla_cpu.retain_host_memory():
             raise SystemExit("retain_host_memory does not apply on this host")
+        if args.trim_threshold is not None:
+            ctypes.CDLL("libc.so.6").mallopt(xla_cpu._M_TRIM_THRESHOLD, args.trim_threshold)
 
     clips = common.jax_clips(args.batch, args.frames, args.size)
     labels = jnp.arange(args.batch, dtype=jnp.int32) % common.NUM_CLASSES
     model = common.jax_model(args.names, args.dtype, args.frames, args.impl)
     variables = common.jax_variables(model, clips)
     fns, compile_s = {}, {}
-    for mode in MODES:
+    for mode in ("infer", "train"):
         fns[mode], _, compile_s[mode] = common.compiled_runner(
             model, variables, clips, labels, mode
         )
         for _ in range(args.warmup):
             fns[mode]()
+    steps = {"infer": 1, "train": 1, "loop": args.loop}
+    fns["loop"] = lambda: fns["train"](args.loop)
     print("READY " + json.dumps(compile_s), flush=True)
     for line in sys.stdin:
+        mode = line.strip()
         usage, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        fns[line.strip()]()
+        fns[mode]()
         seconds = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_SELF)
         faults, system_s = after.ru_minflt - usage.ru_minflt, after.ru_stime - usage.ru_stime
-        print(f"TIME {seconds} {faults} {system_s}", flush=True)
+        n = steps[mode]
+        print(f"TIME {seconds / n} {faults / n} {system_s / n}", flush=True)
     print(f"RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", flush=True)
 
 
@@ -106,9 +121,11 @@ def main() -> None:
     parser.add_argument("--impl", default=None, help="attention impl (default: the library's)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--loop", type=int, default=0, help="steps of the loop mode (0: none)")
     parser.add_argument("--sets", default=";".join(FLAG_SETS), help="FLAG_SETS names, ';' between")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--retain-host-memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trim-threshold", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -118,17 +135,19 @@ def main() -> None:
 
     common.print_environment(common.environment())
     names, sets = args.names.split(","), args.sets.split(";")
-    skip = ("sets", "child", "names", "retain_host_memory")
+    skip = ("sets", "child", "names", "retain_host_memory", "trim_threshold")
+    modes = ("infer", "train", "loop") if args.loop > 0 else ("infer", "train")
     shared = [f"--{k}={v}" for k, v in vars(args).items() if k not in skip]
     shared = [f for f in shared if not f.endswith("=None")]
     procs, compile_s, failed, peak_rss = {}, {}, {}, {}
     for flag_set in sets:
-        xla_flags, retain = FLAG_SETS[flag_set]
+        xla_flags, retain, trim = FLAG_SETS[flag_set]
         for name in names:
             key = (name, flag_set)
             proc = subprocess.Popen(
                 [sys.executable, __file__, "--child", f"--names={name}", *shared]
-                + (["--retain-host-memory"] if retain else []),
+                + (["--retain-host-memory"] if retain else [])
+                + ([f"--trim-threshold={trim}"] if trim is not None else []),
                 env=dict(os.environ, XLA_FLAGS=xla_flags),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -141,18 +160,19 @@ def main() -> None:
                 print(f"compiled {name} under '{flag_set}'", flush=True)
             except RuntimeError as e:
                 failed[key] = f"failed ({e})"
-    times = {(key, mode): [] for key in procs for mode in MODES}
-    faults = {key: [] for key in procs}  # (page faults, system seconds) of each training step
+    times = {(key, mode): [] for key in procs for mode in modes}
+    # (page faults, system seconds) of each training step, blocked on and in the loop
+    faults = {(key, mode): [] for key in procs for mode in modes[1:]}
     for _ in range(args.reps):
         for key, proc in list(procs.items()):
-            for mode in MODES:
+            for mode in modes:
                 try:
                     proc.stdin.write(mode + "\n")
                     proc.stdin.flush()
                     seconds, minflt, system_s = _read(proc, "TIME").split()
                     times[(key, mode)].append(float(seconds))
-                    if mode == "train":
-                        faults[key].append((int(minflt), float(system_s)))
+                    if mode != "infer":
+                        faults[(key, mode)].append((float(minflt), float(system_s)))
                 except (RuntimeError, BrokenPipeError) as e:
                     failed[key] = f"failed while timing ({e})"
                     procs.pop(key)
@@ -162,41 +182,52 @@ def main() -> None:
         peak_rss[key] = int(_read(proc, "RSS")) / 2**10
         proc.wait()
 
-    print(f"\n{args.dtype}, batch {args.batch}, {args.frames}×{args.size}², {args.reps} rounds\n")
-    head = "| network | XLA_FLAGS | infer ms median (min) | train ms median (min) |"
-    head += " vs first set, infer / train | overhead infer / train | compile s (infer / train) |"
-    head += " train: page faults, system ms (median) | peak RSS MiB |"
-    print(head + "\n" + "|---" * 9 + "|")
+    print(f"\n{args.dtype}, batch {args.batch}, {args.frames}×{args.size}², {args.reps} rounds")
+    if args.loop:
+        print(f"loop: {args.loop} training steps dispatched back to back, per step")
+    cols = " / ".join(modes)
+    head = "\n| network | XLA_FLAGS | " + " | ".join(f"{m} ms median (min)" for m in modes)
+    head += f" | vs first set, {cols} | overhead {cols} | compile s (infer / train) |"
+    head += "".join(f" {m}: page faults, system ms (median) |" for m in modes[1:])
+    head += " peak RSS MiB |"
+    ncols = 2 + len(modes) + 3 + len(modes) - 1 + 1
+    print(head + "\n" + "|---" * ncols + "|")
 
     def paired(key: tuple[str, str], base: tuple[str, str]) -> str:
         if key == base or base not in procs:
             return "–"
         return " / ".join(
             common.fmt_overhead(*common.paired_overhead(times[(key, m)], times[(base, m)]))
-            for m in MODES
+            for m in modes
         )
 
+    def faults_cell(key: tuple[str, str], mode: str) -> str:
+        minflt, system_s = np.median(faults[(key, mode)], axis=0)
+        return f" {minflt:,.0f}, {1e3 * system_s:.0f} |"
+
     for flag_set in sets:
-        xla_flags, retain = FLAG_SETS[flag_set]
+        xla_flags, retain, trim = FLAG_SETS[flag_set]
         flags = f"`{xla_flags}`" if xla_flags else "(none)"
         if retain:
             flags += " + host memory kept"
+        if trim is not None:
+            flags += f", trim threshold {trim}"
         for name in names:
             key = (name, flag_set)
             if key not in procs:
-                print(f"| {name} | {flags} | {failed.get(key, 'failed')} |" + " |" * 6)
+                print(f"| {name} | {flags} | {failed.get(key, 'failed')} |" + " |" * (ncols - 3))
                 continue
             cells = []
-            for mode in MODES:
+            for mode in modes:
                 ts = times[(key, mode)]
                 cells.append(f"{common.median_ms(ts):.0f} ({common.min_ms(ts):.0f})")
             c = compile_s[key]
             print(
-                f"| {name} | {flags} | {cells[0]} | {cells[1]} |"
+                f"| {name} | {flags} | {' | '.join(cells)} |"
                 f" {paired(key, (name, sets[0]))} | {paired(key, (names[0], flag_set))} |"
                 f" {c['infer']:.1f} / {c['train']:.1f} |"
-                f" {np.median([f for f, _ in faults[key]]):,.0f},"
-                f" {1e3 * np.median([t for _, t in faults[key]]):.0f} | {peak_rss[key]:.0f} |"
+                + "".join(faults_cell(key, m) for m in modes[1:])
+                + f" {peak_rss[key]:.0f} |"
             )
 
 

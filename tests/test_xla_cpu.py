@@ -138,6 +138,78 @@ def test_retained_host_memory_is_reused_without_page_faults():
     assert kept < default / 20, (kept, default)
 
 
+_TRIM_PROGRAM = """if True:
+    import ctypes
+    from aia_jax import xla_cpu
+    if not xla_cpu.retain_host_memory():
+        raise SystemExit("SKIP")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes, libc.sbrk.restype = [ctypes.c_void_p], ctypes.c_void_p
+    libc.sbrk.argtypes = [ctypes.c_long]
+    # More than 2 GiB, as a batch-4 training step's temporaries are; never touched, so it
+    # costs address space, not memory.
+    block = libc.malloc((1 << 31) + (1 << 28))
+    grown = libc.sbrk(0)
+    libc.free(block)
+    print("HEAP_END", grown, libc.sbrk(0))
+"""
+
+
+def test_retained_heap_is_not_trimmed_above_2_gib():
+    # glibc stores the trim threshold as a size_t: the largest int, 2 GiB, let a free of a
+    # larger block hand it back (and every later step fault it in again).
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "AIA_JAX_XLA_CPU_FLAGS")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRIM_PROGRAM], env=env, capture_output=True, text=True, timeout=60
+    )
+    if "SKIP" in proc.stderr:
+        pytest.skip("retain_host_memory does not apply here (not glibc, or an accelerator)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("HEAP_END"))
+    grown, after_free = map(int, line.split()[1:])
+    assert after_free == grown
+
+
+_RELEASE_PROGRAM = """if True:
+    import ctypes, time
+    from aia_jax import xla_cpu
+    if not xla_cpu.retain_host_memory(limit_bytes=1, poll_s=0.02):
+        raise SystemExit("SKIP")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_long]
+    deadline = time.monotonic() + 10
+    while xla_cpu._retained and time.monotonic() < deadline:
+        time.sleep(0.01)
+    before = libc.sbrk(0)
+    libc.malloc(64 << 20)  # glibc's default: a block this large is an mmap, not the heap
+    print("RELEASED", xla_cpu._retained is False, libc.sbrk(0) == before)
+"""
+
+
+def test_kept_heap_is_handed_back_past_its_memory_limit():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "AIA_JAX_XLA_CPU_FLAGS")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _RELEASE_PROGRAM],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if "SKIP" in proc.stderr:
+        pytest.skip("retain_host_memory does not apply here (not glibc, or an accelerator)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "RELEASED True True" in proc.stdout, proc.stdout
+    assert "glibc's allocator defaults restored" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_memory_limit_is_the_machines_or_the_cgroups():
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < xla_cpu.memory_limit() <= physical
+    assert 0 < xla_cpu.resident_bytes() < physical
+
+
 def test_retain_host_memory_only_where_jax_is_cpu_only(monkeypatch):
     monkeypatch.setattr(xla_cpu, "_retained", False)
     calls = []
@@ -172,3 +244,9 @@ def test_opt_out_keeps_glibc_defaults(monkeypatch):
     monkeypatch.setattr(xla_cpu, "retain_host_memory", lambda: calls.append(1))
     monkeypatch.setenv("AIA_JAX_XLA_CPU_FLAGS", "0")
     assert xla_cpu.apply_cpu_flags() == [] and calls == []
+    # Its own switch keeps glibc's defaults and still adds the flags.
+    monkeypatch.setenv("AIA_JAX_XLA_CPU_FLAGS", "1")
+    monkeypatch.setenv("AIA_JAX_RETAIN_HOST_MEMORY", "0")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(xla_cpu, "_jaxlib_minor", lambda: xla_cpu.MEASURED_JAXLIB[0])
+    assert xla_cpu.apply_cpu_flags() == list(xla_cpu.CPU_FLAGS) and calls == []
