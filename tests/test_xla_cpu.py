@@ -112,16 +112,27 @@ _FAULTS_PROGRAM = """if True:
 """
 
 
-def _page_faults(mode: str) -> tuple[str, int]:
+def _run_program(program: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs `program` in a fresh Python with neither XLA flags nor the opt-out set.
+
+    Skips the test where the program exits with "SKIP" (retain_host_memory does not apply).
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "AIA_JAX_XLA_CPU_FLAGS")}
     proc = subprocess.run(
-        [sys.executable, "-c", _FAULTS_PROGRAM, mode],
+        [sys.executable, "-c", program, *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
+    if "SKIP" in proc.stderr:
+        pytest.skip("retain_host_memory does not apply here (not glibc, or an accelerator)")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def _page_faults(mode: str) -> tuple[str, int]:
+    proc = _run_program(_FAULTS_PROGRAM, mode)
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("FAULTS"))
     _, applied, faults = line.split()
     return applied, int(faults)
@@ -138,15 +149,23 @@ def test_retained_host_memory_is_reused_without_page_faults():
     assert kept < default / 20, (kept, default)
 
 
-_TRIM_PROGRAM = """if True:
+# glibc's malloc, free and sbrk(0) (the heap's end) for the programs below.
+_LIBC = """
     import ctypes
-    from aia_jax import xla_cpu
-    if not xla_cpu.retain_host_memory():
-        raise SystemExit("SKIP")
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes, libc.sbrk.restype = [ctypes.c_void_p], ctypes.c_void_p
     libc.sbrk.argtypes = [ctypes.c_long]
+"""
+
+_TRIM_PROGRAM = (
+    """if True:
+    from aia_jax import xla_cpu
+    if not xla_cpu.retain_host_memory():
+        raise SystemExit("SKIP")
+"""
+    + _LIBC
+    + """
     # More than 2 GiB, as a batch-4 training step's temporaries are; never touched, so it
     # costs address space, not memory.
     block = libc.malloc((1 << 31) + (1 << 28))
@@ -154,31 +173,27 @@ _TRIM_PROGRAM = """if True:
     libc.free(block)
     print("HEAP_END", grown, libc.sbrk(0))
 """
+)
 
 
 def test_retained_heap_is_not_trimmed_above_2_gib():
     # glibc stores the trim threshold as a size_t: the largest int, 2 GiB, let a free of a
     # larger block hand it back (and every later step fault it in again).
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "AIA_JAX_XLA_CPU_FLAGS")}
-    proc = subprocess.run(
-        [sys.executable, "-c", _TRIM_PROGRAM], env=env, capture_output=True, text=True, timeout=60
-    )
-    if "SKIP" in proc.stderr:
-        pytest.skip("retain_host_memory does not apply here (not glibc, or an accelerator)")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run_program(_TRIM_PROGRAM)
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("HEAP_END"))
     grown, after_free = map(int, line.split()[1:])
     assert after_free == grown
 
 
-_RELEASE_PROGRAM = """if True:
-    import ctypes, time
+_RELEASE_PROGRAM = (
+    """if True:
+    import time
     from aia_jax import xla_cpu
     if not xla_cpu.retain_host_memory(limit_bytes=1, poll_s=0.02):
         raise SystemExit("SKIP")
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_long]
+"""
+    + _LIBC
+    + """
     deadline = time.monotonic() + 10
     while xla_cpu._retained and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -186,20 +201,11 @@ _RELEASE_PROGRAM = """if True:
     libc.malloc(64 << 20)  # glibc's default: a block this large is an mmap, not the heap
     print("RELEASED", xla_cpu._retained is False, libc.sbrk(0) == before)
 """
+)
 
 
 def test_kept_heap_is_handed_back_past_its_memory_limit():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "AIA_JAX_XLA_CPU_FLAGS")}
-    proc = subprocess.run(
-        [sys.executable, "-c", _RELEASE_PROGRAM],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if "SKIP" in proc.stderr:
-        pytest.skip("retain_host_memory does not apply here (not glibc, or an accelerator)")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run_program(_RELEASE_PROGRAM)
     assert "RELEASED True True" in proc.stdout, proc.stdout
     assert "glibc's allocator defaults restored" in proc.stderr, proc.stderr[-2000:]
 
