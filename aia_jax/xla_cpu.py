@@ -116,15 +116,15 @@ def retain_host_memory(limit_bytes: int | None = None, poll_s: float = 0.5) -> b
     `mmap`s, or from per-thread arenas that it trims, and hands the pages back on `free`: the
     next step faults every page in again and the kernel zeroes it. Measured on a TSM ResNet-50
     training step (2 cores): 250,000 page faults and ~0.4 s of system time per 1.2 s step at
-    batch 1, a million faults and ~5 s per 10 s step at batch 4. With one arena, no `mmap` and
+    batch 1, a million faults and 4–10 s per 9–12 s step at batch 4. With one arena, no `mmap` and
     no trimming there are none once the heap has grown, and training steps run 17–41 % faster
     (bench/RESULTS.md §3, 2026-12-03 and 2026-12-04).
 
     The price is memory: the process keeps its heap, and the heap grows over the first steps
     because freed blocks do not always fit the next request. In a training loop that
-    dispatches steps without waiting (as `train.py` does) it grew to about three steps'
-    temporaries over the live arrays: TSM ResNet-50 at batch 1, 3.7 GiB resident against 2.1
-    GiB with glibc's defaults; at batch 4, 11.5–15 GiB against 5 GiB. So a daemon thread
+    dispatches steps without waiting (as `train.py` does) it grew by 1.5 (batch 1) to 3 (batch
+    4) steps' temporaries over glibc's defaults: TSM ResNet-50 at batch 1, 3.7 GiB resident
+    against 2.1 GiB; at batch 4, 11.5–15.4 GiB against 5 GiB. So a daemon thread
     checks the resident set every `poll_s` seconds, and once it passes `limit_bytes` (default:
     `RETAIN_LIMIT_FRACTION` of `memory_limit()`) calls `release_host_memory` and logs a
     warning: the process then runs as with glibc's defaults. `AIA_JAX_RETAIN_HOST_MEMORY=0`
