@@ -61,6 +61,6 @@ part step 240 bench/step.py --forms TSM --placements none,CinST --dtype bfloat16
   --reps 10
 part overhead 220 bench/overhead.py --forms TSM --placements none,CinST,STinC \
   --dtype bfloat16 --batch-sizes "$BATCH" --size "$SIZE" --modes train,infer --reps 15
-part unit 90 bench/unit.py --units CinST,STinC --impls fused,xla --batch "$BATCH" \
+part unit 150 bench/unit.py --units CinST,STinC --impls fused,xla --batch "$BATCH" \
   --dtype bfloat16 --reps 20
 echo "done in ${SECONDS} s; logs in $OUT"

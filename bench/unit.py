@@ -123,15 +123,24 @@ def main() -> None:
             print(f"compiled {unit} ({label})", flush=True)
 
     times = {(key, mode): [] for key in runs for mode in ("train", "infer")}
-    for _ in range(args.reps):
-        for key, run in runs.items():
-            for mode in ("train", "infer"):
-                start = time.perf_counter()
-                run[mode]()
-                times[(key, mode)].append(time.perf_counter() - start)
+    done = 0
+    try:
+        for _ in range(args.reps):
+            for key, run in runs.items():
+                for mode in ("train", "infer"):
+                    start = time.perf_counter()
+                    run[mode]()
+                    times[(key, mode)].append(time.perf_counter() - start)
+            done += 1
+    except KeyboardInterrupt:
+        # A time limit (bench/gpu_session.sh sends SIGINT) keeps the rounds already timed.
+        if not done:
+            raise
+        print(f"\ninterrupted: the table has the {done} complete rounds of {args.reps}")
+        times = {k: v[:done] for k, v in times.items()}
 
     print(
-        f"\nms per unit, median of {args.reps} (batch {args.batch}, {args.frames} frames, "
+        f"\nms per unit, median of {done} (batch {args.batch}, {args.frames} frames, "
         f"{args.dtype}); train = gradient w.r.t. parameters and input\n"
     )
     stage_cols = " | ".join(f"{s}²×{c} train / infer" for s, c, _ in STAGES)
