@@ -46,6 +46,7 @@ from aia_jax.convert.release import (
     _as_numpy,
     _describe,
     _leaves,
+    _mismatch,
     _set,
     strip_prefix,
     to_flax_layout,
@@ -191,15 +192,7 @@ def from_torchvision(
     dropped = {"fc.weight", "fc.bias"} if not keep_fc else set()
     unexpected = sorted(k for k in source if k not in used | counters | dropped)
     if problems or missing or unexpected or wrong_shape:
-        parts = problems[:]
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrong shape", wrong_shape),
-        ):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
-                parts.append(f"{label}: {shown}")
+        parts = _mismatch(problems, missing, unexpected, wrong_shape)
         raise ConversionError(
             f"ImageNet weights do not fit the backbone of {_describe(model)} "
             f"(width {model.width}): " + "; ".join(parts)

@@ -203,15 +203,7 @@ def from_torch(state_dict: Mapping[str, Any], model: VideoNet) -> Variables:
     bn_counters = {k[: -len(".running_mean")] + ".num_batches_tracked" for k in used}
     unexpected = sorted(k for k in source if k not in used and k not in bn_counters)
     if missing or unexpected or wrong_shape:
-        parts = problems[:]
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrong shape", wrong_shape),
-        ):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
-                parts.append(f"{label}: {shown}")
+        parts = _mismatch(problems, missing, unexpected, wrong_shape)
         raise ConversionError(f"checkpoint does not fit {_describe(model)}: " + "; ".join(parts))
     return variables
 
@@ -310,6 +302,22 @@ def to_torch(
             f"unexpected {sorted(got - expected)[:8]}"
         )
     return {k: out[k] for k in release_order(list(out), model.form)}
+
+
+def _mismatch(
+    problems: list[str], missing: list[str], unexpected: list[str], wrong_shape: list[str]
+) -> list[str]:
+    """The parts of a does-not-fit error: `problems`, then up to 8 keys of each kind."""
+    parts = problems[:]
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", wrong_shape),
+    ):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
+            parts.append(f"{label}: {shown}")
+    return parts
 
 
 def _describe(model: VideoNet) -> str:
