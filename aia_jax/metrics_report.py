@@ -1,7 +1,8 @@
 """Classification metrics from per-video scores, and the files an evaluation writes.
 
-Pure numpy (matplotlib for the confusion-matrix plot). Everything is counted per video, so the
-numbers do not depend on how the videos were batched.
+Pure numpy (matplotlib, the `plot` extra, for the confusion-matrix plot; without it the plot is
+skipped with a warning). Everything is counted per video, so the numbers do not depend on how
+the videos were batched.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 RESULTS_JSON = "results.json"
 PER_CLASS_CSV = "per_class_accuracy.csv"
@@ -179,6 +181,14 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _can_plot() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_report(
     directory: str,
     *,
@@ -193,6 +203,9 @@ def write_report(
 ) -> dict[str, str]:
     """Writes `results.json`, the per-class CSV, the confusion matrix (CSV, PNG), `scores.npz`.
 
+    The PNG needs matplotlib; without it every other file is written and a warning says how to
+    get the plot.
+
     Returns:
       `{kind: path}` of the files written.
     """
@@ -204,12 +217,19 @@ def write_report(
         "confusion_png": os.path.join(directory, CONFUSION_PNG),
         "scores": os.path.join(directory, SCORES_NPZ),
     }
+    plot = _can_plot()
+    if not plot:
+        del paths["confusion_png"]
+        logging.warning(
+            "%s not written: matplotlib is not installed (pip install 'aia-jax[plot]'); the "
+            "other report files are.",
+            os.path.join(directory, CONFUSION_PNG),
+        )
     write_json(
         paths["results"], {**results, "files": {k: os.path.basename(v) for k, v in paths.items()}}
     )
     write_per_class_csv(paths["per_class"], metrics, class_names)
     write_confusion_csv(paths["confusion_csv"], metrics["confusion"], class_names)
-    plot_confusion(paths["confusion_png"], metrics["confusion"], class_names, title)
     np.savez(
         paths["scores"],
         index=np.asarray(index),
@@ -217,4 +237,6 @@ def write_report(
         scores=np.asarray(scores),
         **dict(extra_arrays or {}),
     )
+    if plot:
+        plot_confusion(paths["confusion_png"], metrics["confusion"], class_names, title)
     return paths

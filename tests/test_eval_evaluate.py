@@ -4,6 +4,7 @@ flip-aware 10-crop average, metrics on a hand-made case, the report files and th
 import csv
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -239,6 +240,25 @@ def test_report_files(setup, tmp_path):
     np.testing.assert_array_equal(npz["index"], np.arange(NUM_VIDEOS))
     np.testing.assert_array_equal(npz["label"], r["label"])
     np.testing.assert_allclose(npz["scores"], r["scores"])
+
+
+def test_report_without_matplotlib_writes_the_rest(setup, tmp_path, monkeypatch, caplog):
+    """Installed without the `plot` extra: no PNG, a warning naming it, every other file."""
+    _, cfg, ck1, _ = setup
+    out = tmp_path / "report"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    with caplog.at_level("WARNING"):
+        r = evaluate.evaluate(cfg, [ck1], workdir=str(out))
+    assert "confusion_matrix.png not written: matplotlib is not installed" in caplog.text
+    assert sorted(os.listdir(out)) == [
+        "confusion_matrix.csv",
+        "per_class_accuracy.csv",
+        "results.json",
+        "scores.npz",
+    ]
+    with open(out / "results.json") as f:
+        assert "confusion_png" not in json.load(f)["files"]
+    np.testing.assert_allclose(np.load(out / "scores.npz")["scores"], r["scores"])
 
 
 def test_cli(setup, tmp_path, capsys):
