@@ -41,6 +41,12 @@ import numpy as np
 from absl import logging
 
 from aia_jax import metrics_report, modelio, xla_cpu
+from aia_jax.errors import (
+    UserError,
+    load_config_flag,
+    reported_as_usage_errors,
+    unknown_override,
+)
 from aia_jax.train import mesh as mesh_lib
 
 PyTree = Any
@@ -357,9 +363,9 @@ def evaluate(
     from aia_jax.data import config as data_config_lib
 
     if average not in AVERAGES:
-        raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
+        raise UserError(f"average must be one of {AVERAGES}, got {average!r}")
     if not checkpoints:
-        raise ValueError("no checkpoint to evaluate")
+        raise UserError("no checkpoint to evaluate")
     data_cfg = ml_collections.ConfigDict(data_config_of(config).to_dict())
     if test_clips is not None:
         data_cfg.test_clips = test_clips
@@ -377,7 +383,7 @@ def evaluate(
     num_classes = data.num_classes(data_cfg)
     for ck in ckpts:
         if int(ck.meta["num_classes"]) != num_classes:
-            raise ValueError(
+            raise UserError(
                 f"{ck.path}: a {ck.meta['num_classes']}-class model, but the data "
                 f"has {num_classes} classes"
             )
@@ -512,10 +518,15 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ml_collections
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()  # private: no clash with flags of an embedding program
-    config_flags.DEFINE_config_file(
+    holder = config_flags.DEFINE_config_file(
         "config", None, "training or data config file", flag_values=flag_values, sys_argv=list(argv)
     )
-    rest = flag_values(list(argv), known_only=True)
+    try:
+        rest = flag_values(list(argv), known_only=True)
+    except (AttributeError, KeyError) as e:
+        raise UserError(unknown_override(e, argv)) from None
+    except flags.Error as e:
+        raise UserError(str(e)) from None
     parser = argparse.ArgumentParser(
         prog="python -m aia_jax.evaluate",
         allow_abbrev=False,
@@ -543,7 +554,9 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ml_collections
     )
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
     args = parser.parse_args(rest[1:])
-    return args, flag_values.config
+    if flag_values["config"].value is None:
+        return args, None
+    return args, load_config_flag(holder, argv)
 
 
 def _config_from_workdirs(paths: Sequence[str]) -> ml_collections.ConfigDict:
@@ -553,13 +566,16 @@ def _config_from_workdirs(paths: Sequence[str]) -> ml_collections.ConfigDict:
             logging.info("Using the data config of %s.", file)
             with open(file) as f:
                 return ml_collections.ConfigDict(json.load(f))
-    raise SystemExit(
-        f"--config is required: no checkpoint is a training workdir with {CONFIG_FILE}"
-    )
+    raise UserError(f"--config is required: no checkpoint is a training workdir with {CONFIG_FILE}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    with reported_as_usage_errors("python -m aia_jax.evaluate"):
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     args, config = _parse_args(argv)
     if config is None:
         config = _config_from_workdirs(args.checkpoint)

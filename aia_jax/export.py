@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aia_jax.errors import UserError, reported_as_usage_errors
+
 SIDECAR_SUFFIX = ".json"
 FORMAT = "aia-jax-export"
 VERSION = 1
@@ -61,7 +63,7 @@ def inference_fn(
       compute_dtype: the network's activation dtype (the model's `dtype` should agree).
     """
     if input_dtype not in INPUT_DTYPES:
-        raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
+        raise UserError(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
     variables = jax.tree.map(jnp.asarray, dict(variables))
 
     def infer(clips: jax.Array) -> jax.Array:
@@ -272,17 +274,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from aia_jax import predict
 
-    names = predict.read_class_names(args.classnames) if args.classnames else None
-    platforms = tuple(p for p in args.platforms.split(",") if p) if args.platforms else None
-    sidecar = export_checkpoint(
-        args.checkpoint,
-        args.output,
-        crop_size=args.crop_size,
-        input_dtype=args.input_dtype,
-        dtype=args.dtype,
-        platforms=platforms,
-        class_names=names,
-    )
+    with reported_as_usage_errors(parser.prog):
+        names = predict.read_class_names(args.classnames) if args.classnames else None
+        platforms = tuple(p for p in args.platforms.split(",") if p) if args.platforms else None
+        sidecar = export_checkpoint(
+            args.checkpoint,
+            args.output,
+            crop_size=args.crop_size,
+            input_dtype=args.input_dtype,
+            dtype=args.dtype,
+            platforms=platforms,
+            class_names=names,
+        )
     print(
         f"Wrote {args.output} and {args.output}{SIDECAR_SUFFIX}: {sidecar['input']['dtype']} "
         f"{sidecar['input']['shape']} -> logits {sidecar['output']['shape']} "

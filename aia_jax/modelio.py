@@ -24,6 +24,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
+from aia_jax.errors import InputNotFoundError, UserError
+
 PyTree = Any
 
 MODEL_JSON = "model.json"
@@ -74,11 +76,14 @@ def read_meta(directory: str) -> dict[str, Any]:
     """Reads `model.json` from a model directory or training workdir."""
     path = os.path.join(directory, MODEL_JSON)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {directory} is not a model directory")
+        raise InputNotFoundError(f"{path} not found: {directory} is not a model directory")
     with open(path) as f:
-        meta = json.load(f)
-    if "name" not in meta:
-        raise ValueError(f"{path} has no model 'name'")
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "name" not in meta:
+        raise UserError(f"{path} has no model 'name'")
     return meta
 
 
@@ -155,7 +160,7 @@ def load_for_init(path: str, model_or_meta: Any) -> dict[str, PyTree]:
     if os.path.isfile(path):
         return _load_torch_for_init(path, model or create_model(target))
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"init_from={path!r}: no such model directory, workdir or file")
+        raise InputNotFoundError(f"init_from={path!r}: no such model directory, workdir or file")
     variables, meta = load_model(path)
     if _canonical(meta["name"]) != _canonical(target["name"]):
         logging.warning(

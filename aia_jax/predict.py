@@ -29,6 +29,12 @@ from typing import Any
 import numpy as np
 
 from aia_jax import xla_cpu
+from aia_jax.errors import (
+    InputNotFoundError,
+    UserError,
+    positive_int,
+    reported_as_usage_errors,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULTS = {
@@ -66,6 +72,8 @@ def preprocessing_settings(checkpoint: str, **overrides: Any) -> dict[str, Any]:
 
 def read_class_names(path: str) -> list[str]:
     """One class name per line (blank lines skipped)."""
+    if not os.path.isfile(path):
+        raise InputNotFoundError(f"{path}: class-names file not found")
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
 
@@ -109,7 +117,7 @@ def list_frames(folder: str) -> list[str]:
     """The image files of a frame folder in natural sort order."""
     files = [f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
-        raise FileNotFoundError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise InputNotFoundError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return [os.path.join(folder, f) for f in sorted(files, key=_natural_key)]
 
 
@@ -140,7 +148,7 @@ def read_clip(path: str, num_segments: int, settings: Mapping[str, Any]) -> np.n
     elif os.path.isfile(path):
         clip = decode.read_video(path, pick)
     else:
-        raise FileNotFoundError(f"{path}: no such video file or frame folder")
+        raise InputNotFoundError(f"{path}: no such video file or frame folder")
     geometry = transforms.Geometry(
         resize=tuple(settings["resize"]),
         resize_short_side=int(settings["resize_short_side"]),
@@ -225,7 +233,7 @@ def predict(
     if class_names is None:
         class_names = find_class_names(checkpoint, meta)
     if class_names is not None and len(class_names) != model.num_classes:
-        raise ValueError(f"{len(class_names)} class names for a {model.num_classes}-class model")
+        raise UserError(f"{len(class_names)} class names for a {model.num_classes}-class model")
     return {
         "video": video,
         "checkpoint": checkpoint,
@@ -249,6 +257,13 @@ def format_prediction(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _height_width(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected H,W (two positive integers)")
+    return int(parts[0]), int(parts[1])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m aia_jax.predict",
@@ -257,21 +272,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("video", help="video file (mp4, webm, …) or folder of frame images")
     parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
     parser.add_argument("--classnames", default=None, help="file with one class name per line")
-    parser.add_argument("--top", type=int, default=5, help="how many classes to print")
-    parser.add_argument("--resize", default=None, help="H,W every frame is resized to first")
-    parser.add_argument("--crop-size", type=int, default=None, help="centre crop side")
+    parser.add_argument("--top", type=positive_int, default=5, help="how many classes to print")
+    parser.add_argument(
+        "--resize", type=_height_width, default=None, help="H,W every frame is resized to first"
+    )
+    parser.add_argument("--crop-size", type=positive_int, default=None, help="centre crop side")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    names = read_class_names(args.classnames) if args.classnames else None
-    resize = tuple(int(x) for x in args.resize.split(",")) if args.resize else None
-    result = predict(
-        args.checkpoint,
-        args.video,
-        class_names=names,
-        top=args.top,
-        resize=resize,
-        crop_size=args.crop_size,
-    )
+    with reported_as_usage_errors(parser.prog):
+        names = read_class_names(args.classnames) if args.classnames else None
+        result = predict(
+            args.checkpoint,
+            args.video,
+            class_names=names,
+            top=args.top,
+            resize=args.resize,
+            crop_size=args.crop_size,
+        )
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "logits"}, indent=2))
     else:

@@ -183,6 +183,7 @@ def test_flax2torch_bare_and_safetensors(tmp_path, capsys, converted):
     assert set(tensors) == set(original)
     for key, value in original.items():
         assert tensors[key].dtype == value.numpy().dtype
+        assert tensors[key].shape == tuple(value.shape), key  # 0-d counters stay 0-d
         assert tensors[key].tobytes() == value.numpy().tobytes(), key
 
     code, _, err = _cli(
@@ -330,6 +331,24 @@ def test_flax2torch_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     line = _fails(capsys, "flax2torch", "--checkpoint", tmp_path / "empty", "--output", "x.pth")
     assert "not a model directory" in line
+
+
+def test_malformed_tensors_and_model_json_are_named(tmp_path, capsys, cinst_file):
+    state = torch.load(cinst_file, weights_only=True)
+    state["state_dict"]["module.new_fc.weight"] = torch.zeros(())
+    torch.save(state, tmp_path / "scalar_fc.pth")
+    line = _t2f(capsys, tmp_path / "scalar_fc.pth", "TSM_CinST_BN", tmp_path / "m")
+    assert "new_fc.weight: a 2-D tensor expected, shape () found" in line
+    tv = torch_reference.TorchvisionResNet(14, width=8).state_dict()
+    tv["conv1.weight"] = torch.zeros(())
+    torch.save(tv, tmp_path / "tv.pth")
+    line = _fails(capsys, "imagenet", "--weights", tmp_path / "tv.pth", "--name", "C2D",
+                  "--num-classes", "5", "--output", tmp_path / "m")  # fmt: skip
+    assert "conv1.weight: a 4-D tensor expected, shape () found" in line
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.json").write_text('{"name": ')
+    line = _fails(capsys, "flax2torch", "--checkpoint", tmp_path / "bad", "--output", "x.pth")
+    assert f"{tmp_path / 'bad' / 'model.json'}: not valid JSON" in line
 
 
 def test_subprocess_help_and_error_exit(tmp_path, cinst_file):

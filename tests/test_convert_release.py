@@ -203,6 +203,22 @@ def test_cross_check_names_the_classifier_layout(cinst_state):
     assert "unexpected: new_fc.bias, new_fc.weight" in message
 
 
+def test_non_float_and_scalar_tensors_are_named(cinst_state):
+    state = OrderedDict(cinst_state)
+    state["module.base_model.layer1.0.eft.T_conv.weight"] = torch.zeros(1, 2, 3, 3, 3).to(
+        torch.complex64
+    )
+    state["module.base_model.bn1.weight"] = torch.ones(8, dtype=torch.int64)
+    message = _error(state, _model("TSM_CinST_BN"))
+    want = "base_model.layer1.0.eft.T_conv.weight: a floating-point tensor expected, complex64"
+    assert want in message
+    assert "base_model.bn1.weight: a floating-point tensor expected, int64 found" in message
+    state = OrderedDict(cinst_state)
+    state["module.new_fc.weight"] = torch.zeros(())
+    with pytest.raises(convert.ConversionError, match=r"^new_fc.weight: a 2-D tensor expected, "):
+        convert.from_torch(state, _model("TSM_CinST_BN"))
+
+
 def test_same_unit_placements_cannot_be_told_apart(cinst_state):
     # CinST and STinC own the same gates: the keys fit, the user's name decides (see --help).
     assert convert.from_torch(cinst_state, _model("TSM_STinC_BN"))

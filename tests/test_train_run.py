@@ -196,6 +196,19 @@ def test_resume_after_completion_and_stale_temporary(env, reference, tmp_path):
     assert_same_run(workdir, reference[0], after_step=12)
 
 
+def test_resume_with_another_network_is_refused_in_one_line(env, reference, tmp_path):
+    import shutil
+
+    from aia_jax.errors import UserError
+
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference[0], workdir)
+    c = tiny_config(env["data_dir"])
+    c.model.width = 16
+    with pytest.raises(UserError, match=r"model.json: the workdir's .* \(width 8 → 16\); use a"):
+        train.run(c, workdir)
+
+
 def test_sigkill_then_resume_matches_uninterrupted(env, reference, tmp_path):
     workdir = str(tmp_path / "w")
     proc = launch(env, workdir, slow=0.4)
@@ -208,12 +221,14 @@ def test_sigkill_then_resume_matches_uninterrupted(env, reference, tmp_path):
     assert_same_run(workdir, reference[0], after_step=killed_after)
 
 
-def test_sigterm_saves_and_exits_then_resume_matches(env, reference, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_saves_and_exits_then_resume_matches(env, reference, tmp_path, stop):
+    """SIGTERM (a preemption) and a first Ctrl-C (SIGINT) both save the step and exit."""
     workdir = str(tmp_path / "w")
     proc = launch(env, workdir, slow=0.4)
     wait_for_checkpoint(workdir, proc, min_step=2)
     time.sleep(0.5)  # stop between two periodic checkpoints
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "'preempted': True" in out, out

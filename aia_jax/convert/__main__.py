@@ -13,6 +13,8 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
+from aia_jax.errors import positive_int
+
 DESCRIPTION = """\
 Convert between the PyTorch release of Attention in Attention and aia-jax model directories.
 
@@ -186,27 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _shape_arguments(parser: argparse.ArgumentParser, *, classes_required: bool) -> None:
     parser.add_argument(
         "--num-segments",
-        type=_positive,
+        type=positive_int,
         default=8,
         metavar="T",
         help="frames per clip the network is built for (default 8; the weights do not record it)",
     )
     parser.add_argument(
         "--num-classes",
-        type=_positive,
+        type=positive_int,
         required=classes_required,
         default=None,
         metavar="N",
@@ -223,7 +215,7 @@ def _shape_arguments(parser: argparse.ArgumentParser, *, classes_required: bool)
     )
     parser.add_argument(
         "--width",
-        type=_positive,
+        type=positive_int,
         default=None,
         metavar="W",
         help="stem width (default: read from the weights; 64 in the release)",
@@ -262,6 +254,7 @@ def _canonical(name: str, *, allow_i3d: bool) -> str:
 def torch2flax(args: argparse.Namespace) -> str:
     """The `torch2flax` command; returns the summary line."""
     from aia_jax import convert, modelio
+    from aia_jax.convert.release import leading_dim
 
     name = _canonical(args.name, allow_i3d=False)
     _fresh_output(args.output)
@@ -279,7 +272,9 @@ def torch2flax(args: argparse.Namespace) -> str:
     if num_classes is None:
         raise CliError(f"{args.checkpoint}: no classifier found; pass --num-classes")
     conv1 = state_dict.get("base_model.conv1.weight")
-    width = args.width or (int(conv1.shape[0]) if conv1 is not None else 64)
+    width = args.width or (
+        leading_dim(conv1, "base_model.conv1.weight", 4) if conv1 is not None else 64
+    )
     dropout = args.dropout if args.dropout is not None else 0.0 if found["head"] == "fc" else 0.5
     create_args = dict(
         num_classes=num_classes,

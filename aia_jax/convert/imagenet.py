@@ -45,9 +45,11 @@ from aia_jax.convert.release import (
     ConversionError,
     _as_numpy,
     _describe,
+    _is_real_float,
     _leaves,
     _mismatch,
     _set,
+    leading_dim,
     strip_prefix,
     to_flax_layout,
     to_torch_layout,
@@ -75,8 +77,8 @@ def describe_torchvision(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     fc = keys.get("fc.weight")
     return {
         "depth": _DEPTH_OF_STAGE3.get(len(stage3)),
-        "width": None if conv1 is None else int(np.shape(conv1)[0]),
-        "num_classes": None if fc is None else int(np.shape(fc)[0]),
+        "width": None if conv1 is None else leading_dim(conv1, "conv1.weight", 4),
+        "num_classes": None if fc is None else leading_dim(fc, "fc.weight", 2),
         "bottleneck": "layer1.0.conv3.weight" in keys or "layer1.0.conv2.weight" not in keys,
         "release": any(k.startswith(("base_model.", "new_fc.")) for k in keys),
     }
@@ -179,6 +181,9 @@ def from_torchvision(
                 continue
             used.add(key)
             value = to_flax_layout(source[key])
+            if not _is_real_float(value):
+                problems.append(f"{key}: a floating-point tensor expected, {value.dtype} found")
+                continue
             if value.ndim + 1 == len(target.shape) and value.shape == tuple(target.shape[1:]):
                 value = inflate(value, target.shape[0])
             if value.shape != tuple(target.shape):

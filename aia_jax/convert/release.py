@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
 
+from aia_jax.errors import UserError
 from aia_jax.models.video import VideoNet
 
 Variables = dict[str, Any]
@@ -34,7 +35,7 @@ _LEAF_TO_TORCH = {
 _TO_FLAX_AXES = {2: (1, 0), 4: (2, 3, 1, 0), 5: (2, 3, 4, 1, 0)}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint does not match the network it is converted to or from."""
 
 
@@ -102,6 +103,23 @@ def _as_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _is_real_float(value: np.ndarray) -> bool:
+    """Whether `value` holds real floating-point numbers (bfloat16 is not a numpy `floating`)."""
+    return value.dtype.kind not in "biucOSUM"
+
+
+def leading_dim(value: Any, key: str, rank: int) -> int:
+    """The first dimension of `value`, a checkpoint's `key`, which must have `rank` dimensions.
+
+    Raises:
+      ConversionError: naming `key`, when its shape has another number of dimensions.
+    """
+    shape = tuple(np.shape(_as_numpy(value)))
+    if len(shape) != rank:
+        raise ConversionError(f"{key}: a {rank}-D tensor expected, shape {shape} found")
+    return int(shape[0])
+
+
 def strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Drops DataParallel's `module.` prefix where every key has it."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
@@ -128,7 +146,7 @@ def describe_checkpoint(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             units.setdefault(m.group(1), []).append(m.group(2))
     return {
         "depth": depth,
-        "num_classes": None if fc is None else int(np.shape(fc)[0]),
+        "num_classes": None if fc is None else leading_dim(fc, f"{head}.weight", 2),
         "head": head,
         "units": {slot: sorted(g) for slot, g in sorted(units.items())},
     }
@@ -183,7 +201,7 @@ def from_torch(state_dict: Mapping[str, Any], model: VideoNet) -> Variables:
     source = strip_prefix(state_dict)
     problems = _cross_check(source, model)
     variables: Variables = {}
-    missing, wrong_shape, used = [], [], set()
+    missing, wrong_shape, wrong_dtype, used = [], [], [], set()
     for collection, tree in variable_shapes(model).items():
         for path, target in _leaves(tree):
             key = torch_key(collection, path)
@@ -192,6 +210,9 @@ def from_torch(state_dict: Mapping[str, Any], model: VideoNet) -> Variables:
                 continue
             used.add(key)
             value = to_flax_layout(_as_numpy(source[key]))
+            if not _is_real_float(value):
+                wrong_dtype.append(f"{key}: a floating-point tensor expected, {value.dtype} found")
+                continue
             if value.shape != tuple(target.shape):
                 wrong_shape.append(
                     f"{key} {tuple(to_torch_layout(np.empty(target.shape)).shape)} expected, "
@@ -202,8 +223,8 @@ def from_torch(state_dict: Mapping[str, Any], model: VideoNet) -> Variables:
             _set(variables, (collection, *path), jnp.array(value, dtype=target.dtype, copy=True))
     bn_counters = {k[: -len(".running_mean")] + ".num_batches_tracked" for k in used}
     unexpected = sorted(k for k in source if k not in used and k not in bn_counters)
-    if missing or unexpected or wrong_shape:
-        parts = _mismatch(problems, missing, unexpected, wrong_shape)
+    if missing or unexpected or wrong_shape or wrong_dtype:
+        parts = _mismatch(problems + wrong_dtype, missing, unexpected, wrong_shape)
         raise ConversionError(f"checkpoint does not fit {_describe(model)}: " + "; ".join(parts))
     return variables
 

@@ -44,7 +44,8 @@ def save_safetensors(
     """Writes `state_dict` (numpy-convertible values) to `path`; metadata values become strings."""
     from safetensors.numpy import save_file
 
-    tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in state_dict.items()}
+    # Not `np.ascontiguousarray`: it turns the 0-d `num_batches_tracked` counters into shape (1,).
+    tensors = {k: np.require(np.asarray(v), requirements="C") for k, v in state_dict.items()}
     meta = {"format": "pt"}  # what `safetensors.torch` writes; some readers insist on it
     for key, value in (metadata or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)

@@ -37,10 +37,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from aia_jax.errors import UserError
+
 __all__ = ["CheckpointError", "load", "load_torch_checkpoint"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file is missing, is not a PyTorch checkpoint, is damaged or holds forbidden content."""
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import collections
 import threading
 
+from aia_jax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A configuration or input error; the message is one line naming the file (and line)."""
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from aia_jax.errors import InputNotFoundError
 from aia_jax.train.step import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -156,7 +157,7 @@ def restore_variables(workdir: str, *, step: int | None = None) -> tuple[dict[st
             step = ckpts.best_step()
             step = ckpts.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
+            raise InputNotFoundError(f"no checkpoint in {ckpts.directory}")
         path = os.path.join(ckpts.directory, str(step), STATE)
         with ocp.PyTreeCheckpointer() as ckptr:
             tree = ckptr.metadata(path).item_metadata.tree

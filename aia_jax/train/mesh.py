@@ -16,6 +16,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from aia_jax.errors import UserError
+
 DATA_AXIS = "data"
 
 # Environment variables read when the config leaves the process group unset (JAX itself reads
@@ -46,7 +48,7 @@ def initialize_distributed(cfg: Mapping[str, Any] | None = None) -> None:
         return
     if address and num > 1:
         if pid < 0:
-            raise ValueError(
+            raise UserError(
                 f"process_id is required with num_processes={num} (or {ENV_PROCESS_ID})"
             )
         logging.info("Joining %d processes at %s as process %d.", num, address, pid)
@@ -80,21 +82,29 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
-    """Raises a clear error when the batch cannot be split evenly over devices and processes."""
+def check_batch_size(
+    global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1, name: str = "batch_size"
+) -> None:
+    """Raises a clear error when the batch cannot be split evenly over devices and processes.
+
+    Args:
+      global_batch_size: clips per step over all processes.
+      mesh: the device mesh.
+      grad_accum_steps: accumulation steps the batch is split into.
+      name: the config key the batch size came from, for the message.
+    """
     micro, rem = divmod(global_batch_size, grad_accum_steps)
     if rem:
-        raise ValueError(
-            f"batch_size {global_batch_size} is not divisible by grad_accum_steps "
-            f"{grad_accum_steps}"
+        raise UserError(
+            f"{name} {global_batch_size} is not divisible by grad_accum_steps {grad_accum_steps}"
         )
     if micro % mesh.size:
-        raise ValueError(
-            f"each accumulation step takes {micro} clips (batch_size {global_batch_size} / "
+        raise UserError(
+            f"each accumulation step takes {micro} clips ({name} {global_batch_size} / "
             f"grad_accum_steps {grad_accum_steps}), which {mesh.size} devices cannot share "
-            "evenly; pick a batch size that is a multiple of devices × grad_accum_steps"
+            f"evenly; pick a {name} that is a multiple of devices × grad_accum_steps"
         )
     if global_batch_size % jax.process_count():
-        raise ValueError(
-            f"batch_size {global_batch_size} is not divisible by {jax.process_count()} processes"
+        raise UserError(
+            f"{name} {global_batch_size} is not divisible by {jax.process_count()} processes"
         )

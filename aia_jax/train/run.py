@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from aia_jax import modelio
+from aia_jax.errors import UserError, one_line
 from aia_jax.train import mesh as mesh_lib
 from aia_jax.train import optim
 from aia_jax.train import step as step_lib
@@ -38,16 +40,28 @@ class NonFiniteLossError(FloatingPointError):
 class _Preemption:
     """Tells the loop that the job is being stopped (SIGTERM), consistently on every process.
 
-    One process: a SIGTERM handler sets a flag. Several: JAX's preemption service (started by
+    One process: a SIGTERM handler sets a flag, and so does a first Ctrl-C (SIGINT; a second
+    one interrupts at once, without saving). Several: JAX's preemption service (started by
     `jax.distributed.initialize`) sees the signal and makes all processes agree on a step.
     """
 
     def __init__(self):
         self.multi = jax.process_count() > 1
         self._flag = threading.Event()
-        self._previous = None
+        self._previous = self._previous_int = None
         if not self.multi and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+            self._previous_int = signal.signal(signal.SIGINT, self._interrupted)
+
+    def _interrupted(self, *_: Any) -> None:
+        self._flag.set()
+        signal.signal(signal.SIGINT, self._previous_int or signal.default_int_handler)
+        print(
+            "\nInterrupted: saving after this step, then exiting (Ctrl-C again: stop now, "
+            "without saving).",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def reached(self, step: int) -> bool:
         if self.multi:
@@ -60,11 +74,13 @@ class _Preemption:
     def close(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
 
 
 def _dtype(name: str):
     if name not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {name!r}")
+        raise UserError(f"config.dtype {name!r}: expected 'float32' or 'bfloat16'")
     return jnp.dtype(name)
 
 
@@ -124,7 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     batch_size, accum = cfg.batch_size, cfg.get("grad_accum_steps", 1)
     mesh_lib.check_batch_size(batch_size, mesh, accum)
     eval_batch_size = cfg.get("eval_batch_size") or batch_size
-    mesh_lib.check_batch_size(eval_batch_size, mesh)
+    mesh_lib.check_batch_size(eval_batch_size, mesh, name="eval_batch_size")
     note(
         f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s); global batch {batch_size} = {batch_size // mesh.size} per device"
@@ -136,7 +152,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     num_classes = data.num_classes(data_cfg)
     steps_per_epoch = _num_train_examples(data, data_cfg) // batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"fewer training examples than one batch of {batch_size}")
+        raise UserError(f"fewer training examples than one batch of batch_size {batch_size}")
     total_steps = max(1, round(cfg.num_epochs * steps_per_epoch))
     eval_epochs = cfg.get("eval_every_epochs", 1.0)
     eval_every = max(1, round(eval_epochs * steps_per_epoch)) if eval_epochs > 0 else 0
@@ -145,7 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     # --- Model and optimiser -------------------------------------------------------------------
     if cfg.model.num_segments != data_cfg.num_segments:
-        raise ValueError(
+        raise UserError(
             f"model.num_segments={cfg.model.num_segments} but data.num_segments="
             f"{data_cfg.num_segments}"
         )
@@ -217,14 +233,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     ckpts = Checkpoints(workdir, keep=cfg.get("keep_checkpoints", 2))
     latest = ckpts.latest_step()
+    meta = modelio.model_meta(cfg.model.name, **create_kwargs)
     if latest is not None:
         note(f"resuming from {ckpts.directory}/{latest}")
+        _check_same_model(workdir, meta)
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract_state,
             state_sharding,
         )
-        state = ckpts.restore(latest, target, train_iter)
+        try:
+            state = ckpts.restore(latest, target, train_iter)
+        except (ValueError, KeyError, TypeError) as e:
+            # E.g. another optimiser (its state has other leaves) over the same model.
+            raise UserError(
+                f"{ckpts.directory}/{latest}: cannot resume it with this config (the model or "
+                f"the optimiser differs from the run that wrote it; use a new workdir): "
+                f"{one_line(e)[:300]}"
+            ) from None
     else:
         state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
         if cfg.get("init_from"):
@@ -233,7 +259,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     if main:
         _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(cfg.to_json_best_effort()))
-        modelio.write_meta(workdir, modelio.model_meta(cfg.model.name, **create_kwargs))
+        modelio.write_meta(workdir, meta)
 
     # --- Steps ---------------------------------------------------------------------------------
     normalize = data.normalize
@@ -382,6 +408,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return {"step": step, "preempted": preempted, "best_step": ckpts.best_step(), **last_val}
 
 
+def _check_same_model(workdir: str, meta: dict[str, Any]) -> None:
+    """Refuses to resume a workdir whose `model.json` describes another network than `meta`."""
+    if not os.path.isfile(os.path.join(workdir, modelio.MODEL_JSON)):
+        return
+    from aia_jax.models import parse_name
+
+    saved = modelio.read_meta(workdir)
+    differ = [
+        f"{key} {saved.get(key)!r} → {value!r}"
+        for key, value in meta.items()
+        if key not in ("format", "version", "name") and saved.get(key) != value
+    ]
+    if parse_name(saved["name"]).canonical != parse_name(meta["name"]).canonical:
+        differ.insert(0, f"name {saved['name']!r} → {meta['name']!r}")
+    if differ:
+        raise UserError(
+            f"{os.path.join(workdir, modelio.MODEL_JSON)}: the workdir's checkpoints are of "
+            f"another network than this config's ({', '.join(differ)}); use a new workdir, or "
+            "the workdir's settings to resume"
+        )
+
+
 def _init_from(
     path: str, model: Any, state: step_lib.TrainState, sharding: step_lib.TrainState
 ) -> step_lib.TrainState:
@@ -394,7 +442,7 @@ def _init_from(
         f"{len(kept)}: " + ", ".join(kept[:20]) + (" …" if len(kept) > 20 else "")
     )
     if not copied:
-        raise ValueError(f"init_from={path!r}: no tensor matches the model being trained")
+        raise UserError(f"init_from={path!r}: no tensor matches the model being trained")
     placed = _put_replicated(
         merged, {"params": sharding.params, "batch_stats": sharding.batch_stats}
     )

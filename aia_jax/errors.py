@@ -1,0 +1,100 @@
+"""Errors of bad input or usage, and how the command-line programs report them.
+
+Every such error's message is one line naming the file, line, flag or config key and what was
+expected. The programs (`train.py`, `python -m aia_jax.evaluate`, `.predict`, `.export`) print it
+as `<program>: error: <message>` and exit with status 2 instead of a traceback; anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+
+class UserError(ValueError):
+    """Bad input or usage (a file, a flag, a config value); the message says which and why."""
+
+
+class InputNotFoundError(UserError, FileNotFoundError):
+    """A file or directory the user named does not exist or is not what was expected."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse `type` for counts and sizes: a positive integer, or a one-line usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return value
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line (whitespace runs, newlines included, become a space)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+@contextlib.contextmanager
+def reported_as_usage_errors(program: str) -> Iterator[None]:
+    """Turns a `UserError` raised inside into `program: error: …` on stderr and exit status 2."""
+    try:
+        yield
+    except UserError as e:
+        print(f"{program}: error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def load_config_flag(holder: Any, argv: Sequence[str], flag: str = "config") -> Any:
+    """The ConfigDict of an ml_collections `DEFINE_config_file` flag, loading errors as UserError.
+
+    ml_collections defers a config file's loading errors to the first use of the config, and
+    reports an unknown `--config.x=v` override as a bare `KeyError` of the last name.
+
+    Args:
+      holder: the flag holder `DEFINE_config_file` returned (after the flags were parsed).
+      argv: the command line, to name the override that failed.
+      flag: the flag's name.
+    """
+    try:
+        config = holder.value
+        config.to_dict()  # a file that failed to load raises only here
+    except (OSError, SyntaxError, AttributeError, ImportError, TypeError, ValueError) as e:
+        path = _flag_value(argv, flag)
+        raise UserError(f"--{flag} {path}: cannot load the config file: {_last_line(e)}") from None
+    return config
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{flag}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{flag}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "?"
+
+
+def unknown_override(error: BaseException, argv: Sequence[str], flag: str = "config") -> str:
+    """The message for an override ml_collections rejected while parsing (`--config.x.y=v`)."""
+    inner = error.args[0] if error.args else error
+    if isinstance(inner, KeyError) and inner.args:
+        inner = inner.args[0]
+    name = str(inner).strip("\"'")
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if key.startswith(f"--{flag}.") and key.rsplit(".", 1)[-1] == name:
+            return f"{key}: the config has no field {key[len(flag) + 3 :]!r}"
+    return f"a --{flag}.* override names a field the config does not have ({name!r})"
+
+
+def _last_line(error: BaseException) -> str:
+    """The last line of an error (or its cause): where ml_collections puts the reason."""
+    cause = error.__cause__ or error
+    if isinstance(cause, SyntaxError):
+        return f"line {cause.lineno}: {cause.msg}"
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return lines[-1] if lines else type(cause).__name__

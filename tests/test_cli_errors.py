@@ -1,0 +1,88 @@
+"""The command-line programs report bad input as one line `<program>: error: …`, exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from aia_jax import evaluate, export, predict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _one_error_line(capsys, main, argv, program, *, usage=False) -> str:
+    """The error line; `usage`: argparse's own errors, which print the usage above it."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert usage or len(lines) == 1, lines
+    assert lines[-1].startswith(f"{program}: error: "), lines
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.foo=1"], "--config.foo: the config has no field 'foo'"),
+        (["--config.data.nope=1"], "--config.data.nope: the config has no field 'data.nope'"),
+    ],
+)
+def test_evaluate_config_errors(capsys, tmp_path, args, message):
+    argv = ["evaluate", "--config", os.path.join(ROOT, "configs", "default.py"), *args]
+    argv += ["--checkpoint", str(tmp_path)]
+    line = _one_error_line(capsys, evaluate.main, argv, "python -m aia_jax.evaluate")
+    assert line.endswith(message)
+
+
+def test_evaluate_missing_config_file_and_checkpoint(capsys, tmp_path):
+    argv = ["evaluate", "--config", str(tmp_path / "nope.py"), "--checkpoint", str(tmp_path)]
+    line = _one_error_line(capsys, evaluate.main, argv, "python -m aia_jax.evaluate")
+    assert f"--config {tmp_path / 'nope.py'}: cannot load the config file: [Errno 2]" in line
+    argv = ["evaluate", "--config", os.path.join(ROOT, "configs", "default.py")]
+    line = _one_error_line(
+        capsys, evaluate.main, [*argv, "--checkpoint", str(tmp_path)], "python -m aia_jax.evaluate"
+    )
+    assert f"{tmp_path / 'model.json'} not found: {tmp_path} is not a model directory" in line
+
+
+def test_predict_and_export_errors(capsys, tmp_path):
+    program = "python -m aia_jax.predict"
+    argv = ["v.mp4", "--checkpoint", "m", "--top", "0"]
+    line = _one_error_line(capsys, predict.main, argv, program, usage=True)
+    assert line.endswith("argument --top: '0': expected a positive integer")
+    argv = ["v.mp4", "--checkpoint", "m", "--resize", "32"]
+    line = _one_error_line(capsys, predict.main, argv, program, usage=True)
+    assert line.endswith("argument --resize: '32': expected H,W (two positive integers)")
+    argv = ["v.mp4", "--checkpoint", str(tmp_path)]
+    assert "is not a model directory" in _one_error_line(capsys, predict.main, argv, program)
+    argv = ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "m.jaxexport")]
+    line = _one_error_line(capsys, export.main, argv, "python -m aia_jax.export")
+    assert "is not a model directory" in line
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.foo=1"], "train.py: error: --config.foo: the config has no field 'foo'"),
+        (["--config.batch_size=abc"], "train.py: error: flag --config.batch_size=abc: "),
+        (["--config.data.root=/nonexistent", "--config.data.source=frames"],
+         "train.py: error: config.root /nonexistent: not a directory"),
+    ],
+)  # fmt: skip
+def test_train_py_errors(tmp_path, args, message):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/default.py"]
+        + ["--workdir", str(tmp_path / "w"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr
