@@ -1,6 +1,7 @@
 """End to end on small JPEG folders, video files and TFDS datasets; bad input of every kind."""
 
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -131,16 +132,37 @@ def test_presets_fill_unset_fields_and_class_names(tmp_path):
         ("vid000 12 4", r"train.txt:2: label 4 is outside \[0, 4\)"),
         ("vid000 12 -1", r"train.txt:2: label -1 is outside \[0, 4\)"),
         ("nowhere 12 1", "train.txt:2: frame folder .*nowhere not found"),
+        ("vid000 12 0 1", r"got 0 \(read as dir 'vid000 12', num_frames 0, label 1: the last"),
+        ("vid\xe9 12 1", r"train.txt:2: not UTF-8 text \(invalid continuation byte at byte 3\)"),
     ],
 )
 def test_bad_frame_lists_fail_at_start(tmp_path, line, message):
     testing.write_frame_folders(str(tmp_path), 1, 12)
-    with open(tmp_path / "train.txt", "a") as f:
-        f.write(line + "\n")
+    with open(tmp_path / "train.txt", "ab") as f:
+        f.write(line.encode("latin-1") + b"\n")
     c = small_config(tmp_path)
     with pytest.raises(data.DataError, match=message) as e:
         data.make_train_iterator(c, global_batch_size=1, seed=0, process_index=0, process_count=1)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("resize", (48,), r"config.resize \(48,\): expected \(height, width\)"),
+        ("scales", (), r"config.scales \(\): expected fractions in \(0, 1\]"),
+        ("filename_template", "{}{}", r"config.filename_template '\{\}\{\}': expected one field"),
+        ("filename_template", "img.jpg", r"config.filename_template 'img.jpg': expected one"),
+        ("frame_interval", 0, r"config.frame_interval 0: expected an int >= 1"),
+        ("num_workers", -1, r"config.num_workers -1: expected an int >= 0"),
+    ],
+)
+def test_bad_config_values_fail_at_start(tmp_path, field, value, message):
+    testing.write_frame_folders(str(tmp_path), 2, 12)
+    c = small_config(tmp_path)
+    c[field] = value
+    with pytest.raises(data.DataError, match=message):
+        data.make_train_iterator(c, global_batch_size=1, seed=0, process_index=0, process_count=1)
 
 
 def test_empty_or_missing_list_and_missing_root(tmp_path):
@@ -183,6 +205,27 @@ def _break_frames(tmp_path):
         (tmp_path / "frames" / "vid002" / f"img_{f:05d}.jpg").write_bytes(b"not a jpeg")
 
 
+def test_frames_numbered_from_zero(tmp_path):
+    testing.write_frame_folders(str(tmp_path), 6, 12, first_frame=0)
+    c = small_config(tmp_path)
+    with pytest.raises(
+        data.DataError,
+        match=r"train.txt:1: frame folder .*vid000 has no img_00012.jpg \(frame 12 of 12.*"
+        r"nor have the next 3 folders checked\); img_00000.jpg is there: .*first_frame=0",
+    ):
+        all_eval(c)
+    c.first_frame = 0
+    out = all_eval(c, batch=6)
+    np.testing.assert_array_equal(frame_ids(out["video"][:, 0]), [[1, 4, 7, 10]] * 6)
+    c.first_frame = 2
+    with pytest.raises(data.DataError, match=r"config.first_frame 2: expected 0 or 1"):
+        all_eval(c)
+    testing.write_frame_folders(str(tmp_path / "one"), 6, 12)
+    c = small_config(tmp_path / "one", first_frame=0)
+    with pytest.raises(data.DataError, match=r"has no img_00000.jpg.*set config.first_frame=1"):
+        all_eval(c)
+
+
 def test_bad_frames_raise_naming_list_line_and_file(tmp_path):
     _break_frames(tmp_path)
     c = small_config(tmp_path, val_list="train.txt")
@@ -216,6 +259,16 @@ def test_bad_frames_skip_and_count(tmp_path):
     for _ in range(6):
         seen |= set(video_ids(next(it)["video"]).ravel().tolist())
     assert seen == {0, 3, 4, 5, 6, 7}
+
+
+def test_skipping_stops_when_nothing_can_be_read(tmp_path):
+    testing.write_frame_folders(str(tmp_path), 8, 12)
+    for path in (tmp_path / "frames").glob("*/*.jpg"):
+        path.write_bytes(b"not a jpeg")
+    c = small_config(tmp_path, on_bad_sample="skip")
+    it = data.make_train_iterator(c, global_batch_size=2, seed=0, process_index=0, process_count=1)
+    with pytest.raises(data.DataError, match=r"64 training samples in a row could not be read"):
+        next(it)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +317,22 @@ def test_video_class_folders(tmp_path):
     assert data.class_names(c) == ["class0", "class1", "class2"]
     out = all_eval(c, batch=6)
     assert sorted(out["label"].tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_val_class_folders_take_the_training_labels(tmp_path):
+    train = testing.write_video_files(
+        str(tmp_path), 6, 8, num_classes=3, class_folders=True, media_dir="train"
+    )
+    val = testing.write_video_files(
+        str(tmp_path), 6, 8, num_classes=3, class_folders=True, media_dir="val"
+    )
+    shutil.rmtree(os.path.join(val, "class1"))
+    c = small_config(tmp_path, "videos", num_classes=0, train_list=train, val_list=val)
+    out = all_eval(c, batch=4)
+    assert sorted(out["label"][out["valid"]].tolist()) == [0, 0, 2, 2]
+    os.rename(os.path.join(val, "class2"), os.path.join(val, "class9"))
+    with pytest.raises(data.DataError, match=r"val/class9: class folder not among the training"):
+        all_eval(c, batch=4)
 
 
 def test_bad_videos(tmp_path):

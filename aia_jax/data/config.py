@@ -10,6 +10,7 @@ from importlib import resources
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from aia_jax.data import presets, sources
 from aia_jax.data.errors import DataError
@@ -28,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train_list = ""  # frames: `dir num_frames label` lines; videos: `file label` lines or a
     c.val_list = ""  #   folder with one sub-folder per class
     c.test_list = ""  # '' = val_list
-    c.filename_template = ""  # frame files, 1-based: '{:05d}.jpg', 'img_{:05d}.jpg', …
+    c.filename_template = ""  # frame files: '{:05d}.jpg', 'img_{:05d}.jpg', …
+    c.first_frame = 1  # number of a folder's first frame file: 1 (the release's lists) or 0
     c.tfds_name = ""  # e.g. 'ucf101/ucf101_1_256:2.0.0'
     c.data_dir = ""  # TFDS data_dir ('' = TFDS's default); also where 'synthetic' is written
     c.train_split = "train"
@@ -48,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.crop_size = 224
     c.scales = (1.0, 0.875, 0.75, 0.66)  # multi-scale crop sizes, fractions of the short side
     c.flip = True  # random horizontal flip in training (labels through flip_map)
-    c.flip_map = None  # {'86': 87, …} or [[86, 87], …]; None = the preset's
+    # Label pairs a horizontal flip swaps, ((86, 87), …); None = the preset's, () = none. A
+    # typed placeholder, so `--config.data.flip_map='((86, 87),)'` overrides it.
+    c.flip_map = config_dict.placeholder(tuple)
     c.num_workers = 2  # worker processes; 0 = read in this process
     c.prefetch_buffer = 2  # host batches read ahead
     c.read_threads = 2  # threads per reading process
@@ -104,6 +108,34 @@ def _check(c: ml_collections.ConfigDict) -> None:
             raise DataError(f"config.{field} {c[field]!r}: expected one of {allowed}")
     if c.num_segments <= 0 or c.crop_size <= 0:
         raise DataError("config.num_segments and config.crop_size must be positive")
+    if c.get("first_frame", 1) not in (0, 1):
+        raise DataError(f"config.first_frame {c.first_frame!r}: expected 0 or 1")
+    resize = tuple(c.resize) if isinstance(c.resize, (list, tuple)) else ()
+    if len(resize) != 2 or not all(isinstance(v, int) and v > 0 for v in resize):
+        raise DataError(f"config.resize {c.resize!r}: expected (height, width), positive ints")
+    scales = tuple(c.scales) if isinstance(c.scales, (list, tuple)) else ()
+    if not scales or not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in scales):
+        raise DataError(f"config.scales {c.scales!r}: expected fractions in (0, 1], at least one")
+    for field, low in (
+        ("frame_interval", 1),
+        ("clip_len", 0),
+        ("resize_short_side", 0),
+        ("num_workers", 0),
+        ("prefetch_buffer", 1),
+        ("read_threads", 1),
+    ):
+        if not isinstance(c[field], int) or c[field] < low:
+            raise DataError(f"config.{field} {c[field]!r}: expected an int >= {low}")
+    if c.source == "frames":
+        try:
+            name = c.filename_template.format(1)
+        except (IndexError, KeyError, ValueError) as e:
+            name = f"({type(e).__name__}: {e})"
+        if name == c.filename_template or name.startswith("("):
+            raise DataError(
+                f"config.filename_template {c.filename_template!r}: expected one field for the "
+                f"frame number, like 'img_{{:05d}}.jpg' {name if name.startswith('(') else ''}"
+            )
     if c.source in ("frames", "videos") and c.root and not os.path.isdir(c.root):
         raise DataError(f"config.root {c.root}: not a directory")
     if c.source == "tfds" and not c.tfds_name:
@@ -167,9 +199,16 @@ def _cached_source(config_json: str, split: str, mtime: float) -> sources.Source
     path = list_path(c, split)
     if c.source == "frames":
         entries = sources.parse_frame_list(path, media_root, c.num_classes)
-        return sources.FrameFolderSource(entries, media_root, c.filename_template)
+        first = int(c.get("first_frame", 1))
+        sources.check_frame_numbering(entries, media_root, c.filename_template, first)
+        return sources.FrameFolderSource(entries, media_root, c.filename_template, first)
     if os.path.isdir(path):
-        entries, _ = sources.scan_class_folders(path)
+        # Labels are positions in the training split's class list, whatever this split holds.
+        train_path = list_path(c, "train")
+        classes = None
+        if split != "train" and os.path.isdir(train_path):
+            classes = sources.class_folder_names(train_path)
+        entries, _ = sources.scan_class_folders(path, classes)
         _check_folder_labels(entries, c.num_classes, path)
         return sources.VideoFileSource(entries, path)
     return sources.VideoFileSource(
@@ -197,7 +236,7 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
         if n:
             return n
     if c.source == "videos" and os.path.isdir(list_path(c, "train")):
-        return len(sources.scan_class_folders(list_path(c, "train"))[1])
+        return len(sources.class_folder_names(list_path(c, "train")))
     raise DataError(f"config.num_classes is 0 and source {c.source!r} does not say: set it")
 
 
@@ -224,7 +263,7 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
     elif c.source == "tfds":
         names = list(make_source(c, "train").class_names)
     elif c.source == "videos" and os.path.isdir(list_path(c, "train")):
-        names = sources.scan_class_folders(list_path(c, "train"))[1]
+        names = sources.class_folder_names(list_path(c, "train"))
     if not names:
         return [str(i) for i in range(n)]
     if len(names) != n:
@@ -239,7 +278,8 @@ def flip_lookup(c: ml_collections.ConfigDict) -> Any:
     flip_map = c.flip_map
     if hasattr(flip_map, "to_dict"):
         flip_map = flip_map.to_dict()
+    n = num_classes(c)  # its own error names config.num_classes
     try:
-        return transforms.flip_table(flip_map, num_classes(c))
+        return transforms.flip_table(flip_map, n)
     except ValueError as e:
         raise DataError(f"config.flip_map: {e}") from None

@@ -46,11 +46,13 @@ def gather(indices: np.ndarray, frames: dict[int, np.ndarray], where: str) -> np
     return np.stack(flat).reshape(*indices.shape, *flat[0].shape)
 
 
-def read_frame_folder(folder: str, template: str, num_frames: int, pick: Pick) -> np.ndarray:
-    """The picked frames of a folder of 1-based files `template.format(index + 1)`."""
+def read_frame_folder(
+    folder: str, template: str, num_frames: int, pick: Pick, first_frame: int = 1
+) -> np.ndarray:
+    """The picked frames of a folder of files `template.format(index + first_frame)`."""
     indices = np.asarray(pick(num_frames))
     frames = {
-        int(i): read_image(os.path.join(folder, template.format(int(i) + 1)))
+        int(i): read_image(os.path.join(folder, template.format(int(i) + first_frame)))
         for i in np.unique(indices)
     }
     return gather(indices, frames, folder)

@@ -235,12 +235,30 @@ class EvalSample(_SampleReader):
 # Main-process steps: count the skipped samples where the trainer can read the count.
 
 
-def _keep_good(element: dict[str, Any]) -> bool:
-    if _BAD in element:
+# With every sample failing (a wrong `filename_template`, an unmounted media folder), skipping
+# would search forever; this many failures in a row stop the iterator instead.
+MAX_CONSECUTIVE_BAD = 64
+
+
+class _KeepGood:
+    """The filter of skipped training samples; raises after `MAX_CONSECUTIVE_BAD` in a row."""
+
+    def __init__(self) -> None:
+        self.in_a_row = 0
+
+    def __call__(self, element: dict[str, Any]) -> bool:
+        if _BAD not in element:
+            self.in_a_row = 0
+            return True
         errors.record_skip(element[_BAD])
         log.warning("skipped a bad sample: %s", element[_BAD])
+        self.in_a_row += 1
+        if self.in_a_row >= MAX_CONSECUTIVE_BAD:
+            raise DataError(
+                f"{self.in_a_row} training samples in a row could not be read (the last: "
+                f"{element[_BAD]}); check the data paths and config.filename_template"
+            )
         return False
-    return True
 
 
 def _count_bad(element: dict[str, Any]) -> dict[str, Any]:
@@ -309,7 +327,7 @@ def make_train_iterator(
     positions = TrainPositions(len(source), global_batch_size, index, count, seed)
     sample = TrainSample(source, c.to_dict(), seed, config_lib.flip_lookup(c))
     ds = _read_in_workers(positions.map(sample), c, host_batch)
-    ds = ds.filter(_keep_good).batch(host_batch, drop_remainder=True)
+    ds = ds.filter(_KeepGood()).batch(host_batch, drop_remainder=True)
     return iter(ds)
 
 

@@ -49,9 +49,17 @@ class Entry:
 def _read_lines(list_path: str) -> list[tuple[int, str]]:
     if not os.path.isfile(list_path):
         raise DataError(f"{list_path}: list file not found")
-    with open(list_path, encoding="utf-8") as f:
-        lines = [(n, line.strip()) for n, line in enumerate(f, start=1)]
-    lines = [(n, line) for n, line in lines if line]
+    with open(list_path, "rb") as f:
+        raw = f.read().splitlines()
+    lines = []
+    for n, data in enumerate(raw, start=1):
+        try:
+            line = data.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            message = f"{list_path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})"
+            raise DataError(message) from None
+        if line:
+            lines.append((n, line))
     if not lines:
         raise DataError(f"{list_path}: the list is empty")
     return lines
@@ -82,12 +90,57 @@ def parse_frame_list(
         if num_frames is None or label is None:
             raise DataError(f"{where}: expected 'relative/dir num_frames label', got {line!r}")
         if num_frames <= 0:
-            raise DataError(f"{where}: num_frames must be positive, got {num_frames}")
+            raise DataError(
+                f"{where}: num_frames must be positive, got {num_frames} (read as dir "
+                f"{parts[0]!r}, num_frames {parts[1]}, label {parts[2]}: the last two fields)"
+            )
         _check_label(label, num_classes, where)
         if check_paths and not os.path.isdir(os.path.join(media_root, parts[0])):
             raise DataError(f"{where}: frame folder {os.path.join(media_root, parts[0])} not found")
         entries.append(Entry(parts[0], num_frames, label, where))
     return entries
+
+
+def check_frame_numbering(
+    entries: Sequence[Entry], media_root: str, template: str, first_frame: int, count: int = 4
+) -> None:
+    """Checks that some of the first `count` folders hold their first and last listed frames.
+
+    Folders numbered from 0 where the list counts from 1 (or the other way round), or a wrong
+    `filename_template`, would otherwise fail only when a clip happens to sample such a frame.
+    Only a failure of every folder checked is an error: one broken folder is a bad sample, for
+    `on_bad_sample` to handle when it is read.
+    """
+    problems = []
+    for entry in entries[:count]:
+        folder = os.path.join(media_root, entry.path)
+        for number in (first_frame, first_frame + entry.num_frames - 1):
+            if not os.path.isfile(os.path.join(folder, template.format(number))):
+                problems.append((entry, folder, number))
+                break
+        else:
+            return
+    if not problems:
+        return
+    entry, folder, number = problems[0]
+    other = 1 - first_frame
+
+    def exists(n: int) -> bool:
+        return os.path.isfile(os.path.join(folder, template.format(n)))
+
+    hint = ""
+    # A file 0 means 0-based numbering; a missing first file 0 beside a file 1, 1-based.
+    if (first_frame == 1 and exists(0)) or (number == first_frame == 0 and exists(1)):
+        hint = (
+            f"; {template.format(other)} is there: the frames are numbered from {other}, "
+            f"set config.first_frame={other}"
+        )
+    raise DataError(
+        f"{entry.where}: frame folder {folder} has no {template.format(number)} (frame "
+        f"{number - first_frame + 1} of {entry.num_frames}, by config.filename_template "
+        f"{template!r} and config.first_frame {first_frame}; nor have the next "
+        f"{len(problems) - 1} folders checked){hint}"
+    )
 
 
 def parse_video_list(
@@ -108,16 +161,40 @@ def parse_video_list(
     return entries
 
 
-def scan_class_folders(folder: str) -> tuple[list[Entry], list[str]]:
-    """One sub-folder per class (sorted names are labels 0, 1, …), video files inside each."""
+def class_folder_names(folder: str) -> list[str]:
+    """The sorted sub-folder names of a class-folder split (its classes, labels 0, 1, …)."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: video folder not found")
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+
+
+def scan_class_folders(
+    folder: str, classes: Sequence[str] | None = None
+) -> tuple[list[Entry], list[str]]:
+    """One sub-folder per class, video files inside each.
+
+    Args:
+      folder: the split's folder.
+      classes: the class names whose positions are the labels (the training split's, so that
+        a validation folder lacking a class keeps the others' labels); None: this folder's
+        sorted sub-folder names.
+
+    Raises:
+      DataError: the folder is missing, holds no videos, or a sub-folder is not in `classes`.
+    """
+    found = class_folder_names(folder)
+    classes = found if classes is None else list(classes)
+    label_of = {name: label for label, name in enumerate(classes)}
     entries = []
-    for label, name in enumerate(classes):
+    for name in found:
+        if name not in label_of:
+            raise DataError(
+                f"{os.path.join(folder, name)}: class folder not among the training split's "
+                f"{len(classes)} classes"
+            )
         for file in sorted(os.listdir(os.path.join(folder, name))):
             if file.lower().endswith(VIDEO_EXTENSIONS):
-                entries.append(Entry(os.path.join(name, file), 0, label, folder))
+                entries.append(Entry(os.path.join(name, file), 0, label_of[name], folder))
     if not entries:
         raise DataError(
             f"{folder}: no video files ({', '.join(VIDEO_EXTENSIONS)}) in class folders"
@@ -131,11 +208,15 @@ def scan_class_folders(folder: str) -> tuple[list[Entry], list[str]]:
 
 @dataclasses.dataclass
 class FrameFolderSource:
-    """Frame folders of 1-based image files named by `template` (e.g. `img_{:05d}.jpg`)."""
+    """Frame folders of image files named by `template` (e.g. `img_{:05d}.jpg`).
+
+    Frame files are numbered from `first_frame` (1 in the release's lists).
+    """
 
     entries: Sequence[Entry]
     media_root: str
     template: str
+    first_frame: int = 1
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -147,7 +228,10 @@ class FrameFolderSource:
     def read(self, index: int, pick: decode.Pick) -> tuple[np.ndarray, int]:
         entry = self.entries[index]
         folder = os.path.join(self.media_root, entry.path)
-        return decode.read_frame_folder(folder, self.template, entry.num_frames, pick), entry.label
+        frames = decode.read_frame_folder(
+            folder, self.template, entry.num_frames, pick, self.first_frame
+        )
+        return frames, entry.label
 
 
 @dataclasses.dataclass
@@ -365,5 +449,7 @@ __all__ = [
     "VideoFileSource",
     "parse_frame_list",
     "parse_video_list",
+    "check_frame_numbering",
+    "class_folder_names",
     "scan_class_folders",
 ]

@@ -47,8 +47,10 @@ def write_frame_folders(
     template: str = "img_{:05d}.jpg",
     list_name: str = "train.txt",
     media_dir: str = "frames",
+    first_frame: int = 1,
 ) -> str:
-    """`root/media_dir/vid{i}/template.format(1..n)` JPEGs and a `dir num_frames label` list."""
+    """`root/media_dir/vid{i}/template.format(first_frame + 0..n-1)` JPEGs (pixels encoding the
+    video and the frame index, see `frame_ids`) and a `dir num_frames label` list."""
     from PIL import Image  # noqa: PLC0415
 
     lines = []
@@ -56,7 +58,7 @@ def write_frame_folders(
         folder = os.path.join(root, media_dir, f"vid{i:03d}")
         os.makedirs(folder, exist_ok=True)
         for f in range(n):
-            path = os.path.join(folder, template.format(f + 1))
+            path = os.path.join(folder, template.format(f + first_frame))
             Image.fromarray(frame_pixels(i, f, size)).save(path, quality=95)
         lines.append(f"vid{i:03d} {n} {i % num_classes}")
     list_path = os.path.join(root, list_name)

@@ -174,7 +174,10 @@ def flip_table(flip_map: Any, num_classes: int) -> np.ndarray:
     else:
         items = []
         for pair in flip_map:
-            a, b = (int(x) for x in pair)
+            try:
+                a, b = (int(x) for x in pair)
+            except (TypeError, ValueError):
+                raise ValueError(f"entry {pair!r}: expected a pair of labels (a, b)") from None
             items += [(a, b), (b, a)]
     for a, b in items:
         if not (0 <= a < num_classes and 0 <= b < num_classes):
