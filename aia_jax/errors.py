@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -47,6 +48,20 @@ def reported_as_usage_errors(program: str) -> Iterator[None]:
     except UserError as e:
         print(f"{program}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def add_config_package_to_path(argv: Sequence[str], flag: str = "config") -> None:
+    """Puts the folder holding a `configs/` package on `sys.path` when `--config` is a file in it.
+
+    The project's config files import `configs.common`; `train.py` finds it beside itself, a
+    module run from elsewhere (`python -m aia_jax.evaluate`) would not.
+    """
+    path = _flag_value(argv, flag)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(os.path.join(folder, "__init__.py")):
+        root = os.path.dirname(folder)
+        if root not in sys.path:
+            sys.path.append(root)
 
 
 def load_config_flag(holder: Any, argv: Sequence[str], flag: str = "config") -> Any:

@@ -42,8 +42,11 @@ from absl import logging
 
 from aia_jax import metrics_report, modelio, xla_cpu
 from aia_jax.errors import (
+    InputNotFoundError,
     UserError,
+    add_config_package_to_path,
     load_config_flag,
+    positive_int,
     reported_as_usage_errors,
     unknown_override,
 )
@@ -517,6 +520,7 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ml_collections
     from absl import flags
     from ml_collections import config_flags
 
+    add_config_package_to_path(argv)
     flag_values = flags.FlagValues()  # private: no clash with flags of an embedding program
     holder = config_flags.DEFINE_config_file(
         "config", None, "training or data config file", flag_values=flag_values, sys_argv=list(argv)
@@ -544,7 +548,9 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ml_collections
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--test-clips", default=None, choices=("single", "twice", "dense"))
     parser.add_argument("--test-crops", default=None, type=int, choices=(1, 3, 5, 10))
-    parser.add_argument("--batch-size", default=None, type=int, help="videos per global batch")
+    parser.add_argument(
+        "--batch-size", default=None, type=positive_int, help="videos per global batch"
+    )
     parser.add_argument("--average", default="logits", choices=AVERAGES)
     parser.add_argument(
         "--unflip-mirrored",
@@ -560,6 +566,9 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ml_collections
 
 
 def _config_from_workdirs(paths: Sequence[str]) -> ml_collections.ConfigDict:
+    for path in paths:
+        if not os.path.isdir(path):
+            raise InputNotFoundError(f"--checkpoint {path}: no such model directory or workdir")
     for path in paths:
         file = os.path.join(path, CONFIG_FILE)
         if os.path.isfile(file):

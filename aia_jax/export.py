@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aia_jax.errors import UserError, reported_as_usage_errors
+from aia_jax.errors import UserError, positive_int, reported_as_usage_errors
 
 SIDECAR_SUFFIX = ".json"
 FORMAT = "aia-jax-export"
@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="artefact path, e.g. model.jaxexport")
     parser.add_argument(
         "--crop-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="clip height = width (default: the config's crop_size, else 224)",
     )

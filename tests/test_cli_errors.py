@@ -38,6 +38,20 @@ def test_evaluate_config_errors(capsys, tmp_path, args, message):
     assert line.endswith(message)
 
 
+def test_evaluate_finds_the_configs_package_from_any_directory(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in sys.path if os.path.abspath(p or ".") != ROOT])
+    for name in [m for m in sys.modules if m == "configs" or m.startswith("configs.")]:
+        monkeypatch.delitem(sys.modules, name)
+    argv = ["evaluate", "--config", os.path.join(ROOT, "configs", "default.py")]
+    argv += ["--checkpoint", str(tmp_path / "none")]
+    line = _one_error_line(capsys, evaluate.main, argv, "python -m aia_jax.evaluate")
+    assert "none/model.json not found" in line  # the config loaded; the checkpoint is missing
+    argv = ["evaluate", "--checkpoint", str(tmp_path / "none")]
+    line = _one_error_line(capsys, evaluate.main, argv, "python -m aia_jax.evaluate")
+    assert line.endswith(f"--checkpoint {tmp_path / 'none'}: no such model directory or workdir")
+
+
 def test_evaluate_missing_config_file_and_checkpoint(capsys, tmp_path):
     argv = ["evaluate", "--config", str(tmp_path / "nope.py"), "--checkpoint", str(tmp_path)]
     line = _one_error_line(capsys, evaluate.main, argv, "python -m aia_jax.evaluate")
@@ -59,6 +73,9 @@ def test_predict_and_export_errors(capsys, tmp_path):
     assert line.endswith("argument --resize: '32': expected H,W (two positive integers)")
     argv = ["v.mp4", "--checkpoint", str(tmp_path)]
     assert "is not a model directory" in _one_error_line(capsys, predict.main, argv, program)
+    argv = ["--checkpoint", "m", "--output", "m.jaxexport", "--crop-size", "0"]
+    line = _one_error_line(capsys, export.main, argv, "python -m aia_jax.export", usage=True)
+    assert line.endswith("argument --crop-size: '0': expected a positive integer")
     argv = ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "m.jaxexport")]
     line = _one_error_line(capsys, export.main, argv, "python -m aia_jax.export")
     assert "is not a model directory" in line
@@ -70,7 +87,15 @@ def test_predict_and_export_errors(capsys, tmp_path):
         (["--config.foo=1"], "train.py: error: --config.foo: the config has no field 'foo'"),
         (["--config.batch_size=abc"], "train.py: error: flag --config.batch_size=abc: "),
         (["--config.data.root=/nonexistent", "--config.data.source=frames"],
-         "train.py: error: config.root /nonexistent: not a directory"),
+         "train.py: error: config.data.root /nonexistent: not a directory"),
+        (["--config.grad_accum_steps=0"],
+         "train.py: error: config.grad_accum_steps 0: expected a positive integer"),
+        (["--config.num_epochs=-1"],
+         "train.py: error: config.num_epochs -1.0: expected a positive"),
+        (["--config.optimizer.lr_steps=('abc',)"],
+         "train.py: error: config.optimizer.lr_steps ('abc',): expected epochs"),
+        (["--config.model.depth=33"], "train.py: error: config.model: depth must be one of"),
+        (["--config.data.crop_size=64"], "train.py: error: config.data.crop_size 64 is larger"),
     ],
 )  # fmt: skip
 def test_train_py_errors(tmp_path, args, message):

@@ -149,12 +149,12 @@ def test_bad_frame_lists_fail_at_start(tmp_path, line, message):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("resize", (48,), r"config.resize \(48,\): expected \(height, width\)"),
-        ("scales", (), r"config.scales \(\): expected fractions in \(0, 1\]"),
-        ("filename_template", "{}{}", r"config.filename_template '\{\}\{\}': expected one field"),
-        ("filename_template", "img.jpg", r"config.filename_template 'img.jpg': expected one"),
-        ("frame_interval", 0, r"config.frame_interval 0: expected an int >= 1"),
-        ("num_workers", -1, r"config.num_workers -1: expected an int >= 0"),
+        ("resize", (48,), r"config.data.resize \(48,\): expected \(height, width\)"),
+        ("scales", (), r"config.data.scales \(\): expected fractions in \(0, 1\]"),
+        ("filename_template", "{}{}", r"filename_template '\{\}\{\}': expected one field"),
+        ("filename_template", "img.jpg", r"config.data.filename_template 'img.jpg': expected one"),
+        ("frame_interval", 0, r"config.data.frame_interval 0: expected an int >= 1"),
+        ("num_workers", -1, r"config.data.num_workers -1: expected an int >= 0"),
     ],
 )
 def test_bad_config_values_fail_at_start(tmp_path, field, value, message):
@@ -174,10 +174,10 @@ def test_empty_or_missing_list_and_missing_root(tmp_path):
     with pytest.raises(data.DataError, match="other.txt: list file not found"):
         data.num_eval_examples(c)
     c.root = str(tmp_path / "absent")
-    with pytest.raises(data.DataError, match="config.root .*absent: not a directory"):
+    with pytest.raises(data.DataError, match="config.data.root .*absent: not a directory"):
         data.num_eval_examples(c)
     c = small_config(tmp_path, on_bad_sample="ignore")
-    with pytest.raises(data.DataError, match="config.on_bad_sample 'ignore'"):
+    with pytest.raises(data.DataError, match="config.data.on_bad_sample 'ignore'"):
         data.resolve(c)
 
 
@@ -218,11 +218,11 @@ def test_frames_numbered_from_zero(tmp_path):
     out = all_eval(c, batch=6)
     np.testing.assert_array_equal(frame_ids(out["video"][:, 0]), [[1, 4, 7, 10]] * 6)
     c.first_frame = 2
-    with pytest.raises(data.DataError, match=r"config.first_frame 2: expected 0 or 1"):
+    with pytest.raises(data.DataError, match=r"config.data.first_frame 2: expected 0 or 1"):
         all_eval(c)
     testing.write_frame_folders(str(tmp_path / "one"), 6, 12)
     c = small_config(tmp_path / "one", first_frame=0)
-    with pytest.raises(data.DataError, match=r"has no img_00000.jpg.*set config.first_frame=1"):
+    with pytest.raises(data.DataError, match=r"no img_00000.jpg.*set config.data.first_frame=1"):
         all_eval(c)
 
 

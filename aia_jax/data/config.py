@@ -68,7 +68,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A checked copy with the preset's values in the fields left '' / 0 / None."""
     c = ml_collections.ConfigDict(config.to_dict())
     if c.source not in SOURCES:
-        raise DataError(f"config.source {c.source!r}: expected one of {SOURCES}")
+        raise DataError(f"config.data.source {c.source!r}: expected one of {SOURCES}")
     preset_name = c.preset or ("synthetic" if c.source == "synthetic" else "")
     if preset_name:
         p = presets.get(preset_name)
@@ -105,17 +105,24 @@ def _check(c: ml_collections.ConfigDict) -> None:
     }
     for field, allowed in choices.items():
         if c[field] not in allowed:
-            raise DataError(f"config.{field} {c[field]!r}: expected one of {allowed}")
+            raise DataError(f"config.data.{field} {c[field]!r}: expected one of {allowed}")
     if c.num_segments <= 0 or c.crop_size <= 0:
-        raise DataError("config.num_segments and config.crop_size must be positive")
+        raise DataError("config.data.num_segments and config.data.crop_size must be positive")
     if c.get("first_frame", 1) not in (0, 1):
-        raise DataError(f"config.first_frame {c.first_frame!r}: expected 0 or 1")
+        raise DataError(f"config.data.first_frame {c.first_frame!r}: expected 0 or 1")
     resize = tuple(c.resize) if isinstance(c.resize, (list, tuple)) else ()
     if len(resize) != 2 or not all(isinstance(v, int) and v > 0 for v in resize):
-        raise DataError(f"config.resize {c.resize!r}: expected (height, width), positive ints")
+        raise DataError(f"config.data.resize {c.resize!r}: expected (height, width), positive ints")
+    short = c.resize_short_side if c.resize_short_side else min(resize)
+    if isinstance(short, int) and c.crop_size > short:
+        raise DataError(
+            f"config.data.crop_size {c.crop_size} is larger than the resized frames' short side "
+            f"{short} (config.data.resize {tuple(resize)}, resize_short_side "
+            f"{c.resize_short_side}): validation crops would not fit"
+        )
     scales = tuple(c.scales) if isinstance(c.scales, (list, tuple)) else ()
     if not scales or not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in scales):
-        raise DataError(f"config.scales {c.scales!r}: expected fractions in (0, 1], at least one")
+        raise DataError(f"config.data.scales {c.scales!r}: expected fractions in (0, 1]")
     for field, low in (
         ("frame_interval", 1),
         ("clip_len", 0),
@@ -125,7 +132,7 @@ def _check(c: ml_collections.ConfigDict) -> None:
         ("read_threads", 1),
     ):
         if not isinstance(c[field], int) or c[field] < low:
-            raise DataError(f"config.{field} {c[field]!r}: expected an int >= {low}")
+            raise DataError(f"config.data.{field} {c[field]!r}: expected an int >= {low}")
     if c.source == "frames":
         try:
             name = c.filename_template.format(1)
@@ -133,13 +140,13 @@ def _check(c: ml_collections.ConfigDict) -> None:
             name = f"({type(e).__name__}: {e})"
         if name == c.filename_template or name.startswith("("):
             raise DataError(
-                f"config.filename_template {c.filename_template!r}: expected one field for the "
-                f"frame number, like 'img_{{:05d}}.jpg' {name if name.startswith('(') else ''}"
+                f"config.data.filename_template {c.filename_template!r}: expected one field for "
+                f"the frame number, like 'img_{{:05d}}.jpg' {name if name.startswith('(') else ''}"
             )
     if c.source in ("frames", "videos") and c.root and not os.path.isdir(c.root):
-        raise DataError(f"config.root {c.root}: not a directory")
+        raise DataError(f"config.data.root {c.root}: not a directory")
     if c.source == "tfds" and not c.tfds_name:
-        raise DataError("config.tfds_name is empty (source 'tfds')")
+        raise DataError("config.data.tfds_name is empty (source 'tfds')")
 
 
 def clip_length(c: ml_collections.ConfigDict) -> int:
@@ -160,7 +167,7 @@ def list_path(c: ml_collections.ConfigDict, split: str) -> str:
         raise DataError(f"split {split!r}: expected one of {SPLITS}")
     path = {"train": c.train_list, "val": c.val_list, "test": c.test_list or c.val_list}[split]
     if not path:
-        raise DataError(f"config.{split}_list is empty (source {c.source!r})")
+        raise DataError(f"config.data.{split}_list is empty (source {c.source!r})")
     return _path(c, path)
 
 
@@ -237,7 +244,7 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
             return n
     if c.source == "videos" and os.path.isdir(list_path(c, "train")):
         return len(sources.class_folder_names(list_path(c, "train")))
-    raise DataError(f"config.num_classes is 0 and source {c.source!r} does not say: set it")
+    raise DataError(f"config.data.num_classes is 0 and source {c.source!r} does not say: set it")
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -249,7 +256,7 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
     if c.classnames:
         where = c.classnames
         if not os.path.isfile(where):
-            raise DataError(f"config.classnames {where}: file not found")
+            raise DataError(f"config.data.classnames {where}: file not found")
         with open(where, encoding="utf-8") as f:
             names = [line.strip() for line in f if line.strip()]
     elif c.source == "synthetic":
@@ -278,8 +285,8 @@ def flip_lookup(c: ml_collections.ConfigDict) -> Any:
     flip_map = c.flip_map
     if hasattr(flip_map, "to_dict"):
         flip_map = flip_map.to_dict()
-    n = num_classes(c)  # its own error names config.num_classes
+    n = num_classes(c)  # its own error names config.data.num_classes
     try:
         return transforms.flip_table(flip_map, n)
     except ValueError as e:
-        raise DataError(f"config.flip_map: {e}") from None
+        raise DataError(f"config.data.flip_map: {e}") from None

@@ -256,7 +256,7 @@ class _KeepGood:
         if self.in_a_row >= MAX_CONSECUTIVE_BAD:
             raise DataError(
                 f"{self.in_a_row} training samples in a row could not be read (the last: "
-                f"{element[_BAD]}); check the data paths and config.filename_template"
+                f"{element[_BAD]}); check the data paths and config.data.filename_template"
             )
         return False
 

@@ -133,12 +133,12 @@ def check_frame_numbering(
     if (first_frame == 1 and exists(0)) or (number == first_frame == 0 and exists(1)):
         hint = (
             f"; {template.format(other)} is there: the frames are numbered from {other}, "
-            f"set config.first_frame={other}"
+            f"set config.data.first_frame={other}"
         )
     raise DataError(
         f"{entry.where}: frame folder {folder} has no {template.format(number)} (frame "
-        f"{number - first_frame + 1} of {entry.num_frames}, by config.filename_template "
-        f"{template!r} and config.first_frame {first_frame}; nor have the next "
+        f"{number - first_frame + 1} of {entry.num_frames}, by config.data.filename_template "
+        f"{template!r} and config.data.first_frame {first_frame}; nor have the next "
         f"{len(problems) - 1} folders checked){hint}"
     )
 

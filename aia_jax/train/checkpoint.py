@@ -35,16 +35,27 @@ STATE, DATA_ITER = "state", "data_iter"
 # Orbax warns at every save without metrics once a best-metric is tracked. Periodic saves carry
 # none on purpose (they never compete for "best"), so that one message is dropped around them.
 _NO_METRICS_WARNING = "Requested `tracked_metric`; did not provide metrics."
+# Reading a workdir (evaluate, predict, export) opens it read-only; Orbax warns that it is, and
+# that the step's metadata file sits one level up. Neither says anything to the user.
+_READ_ONLY_NOTICES = (
+    "CheckpointManagerOptions.read_only=True",
+    "Given directory is read only",
+    "Metadata file does not exist",
+)
 
 
-class _DropNoMetricsWarning(logging.Filter):
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != _NO_METRICS_WARNING
+        return not record.getMessage().startswith(self.prefixes)
 
 
 @contextlib.contextmanager
-def _without_no_metrics_warning() -> Iterator[None]:
-    absl_logger, drop = logging.getLogger("absl"), _DropNoMetricsWarning()
+def _without_orbax_warnings(*prefixes: str) -> Iterator[None]:
+    absl_logger, drop = logging.getLogger("absl"), _DropMessages(prefixes)
     absl_logger.addFilter(drop)
     try:
         yield
@@ -66,26 +77,27 @@ class Checkpoints:
     def __init__(
         self, workdir: str, *, keep: int = 2, async_save: bool = True, read_only: bool = False
     ):
-        options = ocp.CheckpointManagerOptions(
-            best_fn=_best_fn,
-            best_mode="max",
-            preservation_policy=policies.AnyPreservationPolicy(
-                [
-                    policies.LatestN(n=max(1, keep)),
-                    policies.BestN(
-                        get_metric_fn=_best_fn, n=1, keep_checkpoints_without_metrics=False
-                    ),
-                ]
-            ),
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=not read_only,
-            create=not read_only,
-            read_only=read_only,
-        )
-        self.directory = checkpoint_dir(workdir)
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(STATE, DATA_ITER)
-        )
+        with _without_orbax_warnings(*_READ_ONLY_NOTICES):
+            options = ocp.CheckpointManagerOptions(
+                best_fn=_best_fn,
+                best_mode="max",
+                preservation_policy=policies.AnyPreservationPolicy(
+                    [
+                        policies.LatestN(n=max(1, keep)),
+                        policies.BestN(
+                            get_metric_fn=_best_fn, n=1, keep_checkpoints_without_metrics=False
+                        ),
+                    ]
+                ),
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=not read_only,
+                create=not read_only,
+                read_only=read_only,
+            )
+            self.directory = checkpoint_dir(workdir)
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=(STATE, DATA_ITER)
+            )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -118,7 +130,11 @@ class Checkpoints:
         items = {STATE: ocp.args.StandardSave(state.to_dict())}
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
-        quiet = _without_no_metrics_warning() if metrics is None else contextlib.nullcontext()
+        quiet = (
+            _without_orbax_warnings(_NO_METRICS_WARNING)
+            if metrics is None
+            else contextlib.nullcontext()
+        )
         with quiet:
             return self.manager.save(
                 step, args=ocp.args.Composite(**items), metrics=metrics, force=True
@@ -159,7 +175,7 @@ def restore_variables(workdir: str, *, step: int | None = None) -> tuple[dict[st
         if step is None:
             raise InputNotFoundError(f"no checkpoint in {ckpts.directory}")
         path = os.path.join(ckpts.directory, str(step), STATE)
-        with ocp.PyTreeCheckpointer() as ckptr:
+        with ocp.PyTreeCheckpointer() as ckptr, _without_orbax_warnings(*_READ_ONLY_NOTICES):
             tree = ckptr.metadata(path).item_metadata.tree
             tree = {k: tree[k] for k in ("params", "batch_stats")}
             args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)

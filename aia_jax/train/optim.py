@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from aia_jax.errors import UserError
+
 PyTree = Any
 Schedule = Callable[[jax.Array | int], jax.Array]
 
@@ -95,7 +97,9 @@ def make_schedule(
     elif kind == "constant":
         main = optax.constant_schedule(base)
     else:
-        raise ValueError(f"optimizer.schedule must be 'step', 'cosine' or 'constant', got {kind!r}")
+        raise UserError(
+            f"config.optimizer.schedule {kind!r}: expected 'step', 'cosine' or 'constant'"
+        )
     warmup = round(cfg.get("warmup_epochs", 0) * steps_per_epoch)
     if warmup <= 0:
         return main

@@ -130,6 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from aia_jax import data, models  # after the process group exists
 
     cfg = config
+    check_config(cfg)
     workdir = os.path.abspath(workdir)
     main = jax.process_index() == 0
     if main:
@@ -150,6 +151,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # --- Data ----------------------------------------------------------------------------------
     data_cfg = data.resolve(cfg.data)
     num_classes = data.num_classes(data_cfg)
+    if data_cfg.classnames:
+        data.class_names(data_cfg)  # a missing or short names file fails now, not at evaluation
     steps_per_epoch = _num_train_examples(data, data_cfg) // batch_size
     if steps_per_epoch < 1:
         raise UserError(f"fewer training examples than one batch of batch_size {batch_size}")
@@ -174,7 +177,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         dropout=cfg.model.dropout,
     )
     partial_bn = bool(cfg.optimizer.get("partial_bn", False))
-    model = models.create(
+    if not isinstance(cfg.model.width, int) or cfg.model.width < 1:
+        raise UserError(f"config.model.width {cfg.model.width!r}: expected a positive integer")
+    model = _create_model(
         cfg.model.name,
         **create_kwargs,
         dtype=compute_dtype,
@@ -406,6 +411,46 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ckpts.close()
 
     return {"step": step, "preempted": preempted, "best_step": ckpts.best_step(), **last_val}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+    """Checks the trainer's own fields (the data's are `aia_jax.data.resolve`'s, the model's
+    `models.create`'s); raises UserError naming the key."""
+    positive = {"batch_size": cfg.batch_size, "grad_accum_steps": cfg.get("grad_accum_steps", 1)}
+    positive["keep_checkpoints"] = cfg.get("keep_checkpoints", 2)
+    if cfg.get("eval_batch_size"):
+        positive["eval_batch_size"] = cfg.eval_batch_size
+    for key, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"config.{key} {value!r}: expected a positive integer")
+    if not _is_number(cfg.num_epochs) or cfg.num_epochs <= 0:
+        raise UserError(f"config.num_epochs {cfg.num_epochs!r}: expected a positive number")
+    opt = cfg.optimizer
+    for key in ("lr", "reference_batch_size", "momentum", "weight_decay", "lr_decay"):
+        if key in opt and (not _is_number(opt[key]) or opt[key] < 0):
+            raise UserError(f"config.optimizer.{key} {opt[key]!r}: expected a number >= 0")
+    for name, value in (
+        ("optimizer.warmup_epochs", opt.get("warmup_epochs", 0)),
+        ("eval_every_epochs", cfg.get("eval_every_epochs", 1.0)),
+    ):
+        if not _is_number(value) or value < 0:
+            raise UserError(f"config.{name} {value!r}: expected a number >= 0")
+    steps = opt.get("lr_steps", ())
+    if not isinstance(steps, (list, tuple)) or not all(_is_number(e) and e >= 0 for e in steps):
+        raise UserError(f"config.optimizer.lr_steps {steps!r}: expected epochs, e.g. (20, 40)")
+
+
+def _create_model(name: str, **kwargs: Any) -> Any:
+    from aia_jax import models
+
+    try:
+        return models.create(name, **kwargs)
+    except ValueError as e:  # an unknown name, depth, dropout, attention_impl, …
+        raise UserError(f"config.model: {one_line(e)}") from None
 
 
 def _check_same_model(workdir: str, meta: dict[str, Any]) -> None:
