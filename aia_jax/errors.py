@@ -67,12 +67,12 @@ def add_config_package_to_path(argv: Sequence[str], flag: str = "config") -> Non
 def load_config_flag(holder: Any, argv: Sequence[str], flag: str = "config") -> Any:
     """The ConfigDict of an ml_collections `DEFINE_config_file` flag, loading errors as UserError.
 
-    ml_collections defers a config file's loading errors to the first use of the config, and
-    reports an unknown `--config.x=v` override as a bare `KeyError` of the last name.
+    ml_collections defers a config file's loading errors (missing file, syntax error, no
+    `get_config`) to the first use of the config; this uses it once and names the file.
 
     Args:
       holder: the flag holder `DEFINE_config_file` returned (after the flags were parsed).
-      argv: the command line, to name the override that failed.
+      argv: the command line, to name the config file.
       flag: the flag's name.
     """
     try:
@@ -94,7 +94,11 @@ def _flag_value(argv: Sequence[str], flag: str) -> str:
 
 
 def unknown_override(error: BaseException, argv: Sequence[str], flag: str = "config") -> str:
-    """The message for an override ml_collections rejected while parsing (`--config.x.y=v`)."""
+    """The message for an override ml_collections rejected while parsing (`--config.x.y=v`).
+
+    ml_collections raises it as an AttributeError around a `KeyError` of the last name only;
+    `argv` gives the whole override back.
+    """
     inner = error.args[0] if error.args else error
     if isinstance(inner, KeyError) and inner.args:
         inner = inner.args[0]

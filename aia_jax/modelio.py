@@ -162,7 +162,7 @@ def load_for_init(path: str, model_or_meta: Any) -> dict[str, PyTree]:
     if not os.path.isdir(path):
         raise InputNotFoundError(f"init_from={path!r}: no such model directory, workdir or file")
     variables, meta = load_model(path)
-    if _canonical(meta["name"]) != _canonical(target["name"]):
+    if canonical_name(meta["name"]) != canonical_name(target["name"]):
         logging.warning(
             "init_from: %s holds a %s, initialising a %s from it.",
             path,
@@ -185,7 +185,8 @@ def _load_torch_for_init(path: str, model: Any) -> dict[str, PyTree]:
     return convert.from_torch(state_dict, model.clone(num_classes=num_classes))
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """The canonical spelling of a model name (unchanged when it is not a valid one)."""
     try:
         from aia_jax.models import parse_name
 

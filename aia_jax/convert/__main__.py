@@ -13,7 +13,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from aia_jax.errors import positive_int
+from aia_jax.errors import one_line, positive_int
 
 DESCRIPTION = """\
 Convert between the PyTorch release of Attention in Attention and aia-jax model directories.
@@ -397,8 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(COMMANDS[args.command](args))
     except (CliError, CheckpointError, ConversionError, ImportError, OSError) as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"python -m aia_jax.convert {args.command}: error: {message}", file=sys.stderr)
+        print(f"python -m aia_jax.convert {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

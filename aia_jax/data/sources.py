@@ -111,26 +111,27 @@ def check_frame_numbering(
     Only a failure of every folder checked is an error: one broken folder is a bad sample, for
     `on_bad_sample` to handle when it is read.
     """
+
+    def exists(folder: str, n: int) -> bool:
+        return os.path.isfile(os.path.join(folder, template.format(n)))
+
     problems = []
     for entry in entries[:count]:
         folder = os.path.join(media_root, entry.path)
-        for number in (first_frame, first_frame + entry.num_frames - 1):
-            if not os.path.isfile(os.path.join(folder, template.format(number))):
-                problems.append((entry, folder, number))
-                break
-        else:
+        last = first_frame + entry.num_frames - 1
+        missing = [n for n in (first_frame, last) if not exists(folder, n)]
+        if not missing:
             return
+        problems.append((entry, folder, missing[0]))
     if not problems:
         return
     entry, folder, number = problems[0]
     other = 1 - first_frame
-
-    def exists(n: int) -> bool:
-        return os.path.isfile(os.path.join(folder, template.format(n)))
-
     hint = ""
     # A file 0 means 0-based numbering; a missing first file 0 beside a file 1, 1-based.
-    if (first_frame == 1 and exists(0)) or (number == first_frame == 0 and exists(1)):
+    zero_based = first_frame == 1 and exists(folder, 0)
+    one_based = number == first_frame == 0 and exists(folder, 1)
+    if zero_based or one_based:
         hint = (
             f"; {template.format(other)} is there: the frames are numbered from {other}, "
             f"set config.data.first_frame={other}"

@@ -177,8 +177,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         dropout=cfg.model.dropout,
     )
     partial_bn = bool(cfg.optimizer.get("partial_bn", False))
-    if not isinstance(cfg.model.width, int) or cfg.model.width < 1:
-        raise UserError(f"config.model.width {cfg.model.width!r}: expected a positive integer")
     model = _create_model(
         cfg.model.name,
         **create_kwargs,
@@ -422,10 +420,11 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     `models.create`'s); raises UserError naming the key."""
     positive = {"batch_size": cfg.batch_size, "grad_accum_steps": cfg.get("grad_accum_steps", 1)}
     positive["keep_checkpoints"] = cfg.get("keep_checkpoints", 2)
+    positive["model.width"] = cfg.model.width
     if cfg.get("eval_batch_size"):
         positive["eval_batch_size"] = cfg.eval_batch_size
     for key, value in positive.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _is_number(value) or not isinstance(value, int) or value < 1:
             raise UserError(f"config.{key} {value!r}: expected a positive integer")
     if not _is_number(cfg.num_epochs) or cfg.num_epochs <= 0:
         raise UserError(f"config.num_epochs {cfg.num_epochs!r}: expected a positive number")
@@ -457,15 +456,13 @@ def _check_same_model(workdir: str, meta: dict[str, Any]) -> None:
     """Refuses to resume a workdir whose `model.json` describes another network than `meta`."""
     if not os.path.isfile(os.path.join(workdir, modelio.MODEL_JSON)):
         return
-    from aia_jax.models import parse_name
-
     saved = modelio.read_meta(workdir)
     differ = [
         f"{key} {saved.get(key)!r} → {value!r}"
         for key, value in meta.items()
         if key not in ("format", "version", "name") and saved.get(key) != value
     ]
-    if parse_name(saved["name"]).canonical != parse_name(meta["name"]).canonical:
+    if modelio.canonical_name(saved["name"]) != modelio.canonical_name(meta["name"]):
         differ.insert(0, f"name {saved['name']!r} → {meta['name']!r}")
     if differ:
         raise UserError(
