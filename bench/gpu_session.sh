@@ -53,7 +53,7 @@ part() {
   timeout --signal=INT --kill-after=10 "$limit" python3 "$script" "$@" "${json[@]}" \
     >"$OUT/$name.log" 2>&1
   echo "   exit $? at ${SECONDS} s"
-  grep -E '^(###|compiled|\| (net|placement|unit|TSM|none|CinST|STinC) )' "$OUT/$name.log" | tail -n 30
+  grep -E '^(###|compiled|\| (net|placement|unit|TSM|none|CinST|STinC)[ _])' "$OUT/$name.log" | tail -n 30
 }
 
 part step 240 bench/step.py --forms TSM --placements none,CinST --dtype bfloat16 \
