@@ -1,4 +1,5 @@
-"""The fused gate primitives equal the plain XLA formulation in value and gradient (float32)."""
+"""The fused gate primitives equal the plain XLA formulation in value and gradient (float32;
+bf16 ties under jit and a sharded batch included)."""
 
 import functools
 
@@ -53,6 +54,26 @@ def test_pool_ties_share_the_gradient_like_jnp_max():
         lambda x: sum(jnp.sum(m * (i + 1)) for i, (m, _) in enumerate(fused.pool(x, axes)))
     )(x)
     _close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
+def test_pool_gradient_under_jit_is_one_per_max_in_low_precision(dtype):
+    # A gated low-precision map, as in a unit: under jit XLA may compute the product in float32
+    # without rounding it (excess precision). Each pooled max must still pass on exactly its
+    # cotangent, as it does eagerly: before the fix, 1-4 of ~1000 maxima passed on twice theirs.
+    x = _normal(3, (2, 4, 8, 8, 16), dtype)
+    gate = jax.nn.sigmoid(_normal(4, (2, 4, 8, 8)))  # a C gate: the map without c
+
+    def mass(x, gate, axis):
+        z = fused.gate_product(x, (gate,), (4,), (1.0,))
+        m, vjp = jax.vjp(lambda z: fused.pool(z, (axis,))[0][0], z)
+        (dz,) = vjp(jnp.ones_like(m))
+        return jnp.sum(dz.astype(jnp.float32), axis=axis)
+
+    for axis in (1, 2, 3, 4):
+        for name, f in (("eager", mass), ("jit", jax.jit(mass, static_argnums=2))):
+            got = np.asarray(f(x, gate, axis))
+            np.testing.assert_array_equal(got, np.ones_like(got), err_msg=f"axis {axis}, {name}")
 
 
 def _lax_conv(p_max, p_mean, kernel):
@@ -251,3 +272,30 @@ def test_i3d_block_fused_equals_xla_in_training():
     for g, w in zip(jax.tree_util.tree_leaves(g_f), jax.tree_util.tree_leaves(g_x), strict=True):
         scale = float(jnp.max(jnp.abs(w)))
         _close(g, w, 1e-4, max(1e-5, 1e-6 * scale), err_msg="gradient")
+
+
+def test_sharded_unit_gradient_needs_no_all_gathers():
+    # Over a batch sharded across devices, every batch sum of the fused path (kernel gradients,
+    # batch-norm statistics and their gradients) must be one all-reduce: a variadic reduction
+    # over the sharded axis was partitioned into one all-gather per output (232 per unit).
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    x = _normal(5, (jax.device_count(), 4, 8, 8, 16))
+    unit = models.AttentionUnit("CinST")
+    variables = unit.init(jax.random.key(0), x, train=False)
+
+    def loss(params, x):
+        y, _ = unit.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(y * y)
+
+    shardings = (NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data")))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), in_shardings=shardings)
+    hlo = grad.lower(variables["params"], x).compile().as_text()
+    assert "all-gather" not in hlo
+    assert 0 < hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(") <= 16
+    got = grad(variables["params"], x)
+    want = jax.grad(loss, argnums=(0, 1))(variables["params"], x)
+    # Sums in another order: judged against each leaf's scale (gate gradients reach ~2000).
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(np.abs(w).max()))

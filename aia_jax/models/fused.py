@@ -98,6 +98,23 @@ def _max_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     return mx.astype(x.dtype), total.astype(jnp.float32)
 
 
+def _as_stored(x: jax.Array) -> jax.Array:
+    """`x` in at least float32, holding exactly the values x's own dtype can store.
+
+    The pool's forward pass counts the ties of the max and its backward pass finds them again;
+    both must see the same values. Under jit, XLA may compute a bf16/f16 map's producer in
+    float32 and skip the rounding (excess precision), differently in the two passes: then two
+    elements that round to the max both take the gradient with a count of 1. `reduce_precision`
+    is an explicit rounding XLA keeps.
+    """
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    xa = x.astype(acc)
+    if acc == x.dtype:
+        return xa
+    info = jnp.finfo(x.dtype)
+    return jax.lax.reduce_precision(xa, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
 def _max_count_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Max of `x` over `axis` (in x's dtype), how many elements equal it, and the sum (float32).
 
@@ -107,8 +124,8 @@ def _max_count_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.A
     rows), so a long axis is reduced in two stages, over chunks of at most 8 and then over the
     chunks; counts combine as `Σ count where the partial max is the max`.
     """
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    xa = x.astype(acc)
+    xa = _as_stored(x)
+    acc = xa.dtype
 
     def combine(a, b):
         mx = jnp.maximum(a[0], b[0])
@@ -181,9 +198,10 @@ def _pool_fwd(x, axes):
 
 def _pool_bwd(axes, res, cts):
     x, stats = res
+    stored = _as_stored(x)
     dx = None
     for a, (m, ties), (dmax, dmean) in zip(axes, stats, cts, strict=True):
-        hit = x == _expand(m, a)
+        hit = stored == _expand(m, a).astype(stored.dtype)
         # Ties share the gradient, as jnp.max's does. Both pooled factors are divisions by a
         # computed value: XLA:CPU fuses a cheap producer (`dmean / 8` is a multiply) into a user
         # that broadcasts it, which would redo the gate convolution's gradient for every element
@@ -258,7 +276,10 @@ def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
     faster alone but no faster in a unit: each loop recomputes `dout`, the batch-norm gradient.)
     The loop keeps the first map axis, whose rows XLA:CPU splits between threads (a reduction to
     scalars runs on one), and a small sum over it follows: 1.7-2× faster on 2 cores for the T
-    gate's 56×56×64 map, ~20 % off a unit's training step (bench/RESULTS.md §3).
+    gate's 56×56×64 map, ~20 % off a unit's training step (bench/RESULTS.md §3). It keeps the
+    batch axis too, which is the one a mesh shards: a variadic reduction over a sharded axis is
+    partitioned as an all-gather per output (54 per gate), one plain sum over it is one
+    all-reduce.
     """
     d1, d2, d3 = (n - 4 for n in wide.shape[1:])
     dout = wide[:, 2 : 2 + d1, 2 : 2 + d2, 2 : 2 + d3]
@@ -266,10 +287,8 @@ def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
         v[:, i : i + d1, j : j + d2, k : k + d3] * dout for i, j, k in _TAPS for v in padded
     )
     zeros = tuple(jnp.float32(0) for _ in operands)
-    sums = jax.lax.reduce(
-        operands, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (0, 2, 3)
-    )
-    return jnp.stack(sums).sum(axis=1).reshape(len(_TAPS), len(padded))
+    sums = jax.lax.reduce(operands, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (2, 3))
+    return jnp.stack(sums).sum(axis=(1, 2)).reshape(len(_TAPS), len(padded))
 
 
 def _transposed_taps(wide: jax.Array, weights: jax.Array) -> jax.Array:
@@ -328,10 +347,17 @@ gate_conv.defvjp(_gate_conv_fwd, _gate_conv_bwd)
 
 
 def _sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`Σ a` and `Σ b` over every axis but the last, as one variadic reduction (one loop)."""
+    """`Σ a` and `Σ b` over every axis but the last, as one variadic reduction (one loop).
+
+    The loop keeps the batch axis, which a plain sum of both results then reduces: over a
+    sharded batch that is one all-reduce, where a variadic reduction is partitioned as an
+    all-gather per output.
+    """
     zero = jnp.zeros((), a.dtype)
-    axes = tuple(range(a.ndim - 1))
-    return jax.lax.reduce((a, b), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]), axes)
+    axes = tuple(range(1, a.ndim - 1))
+    per_clip = jax.lax.reduce((a, b), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]), axes)
+    total = jnp.stack(per_clip).sum(axis=1)
+    return total[0], total[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
