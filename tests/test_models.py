@@ -185,6 +185,26 @@ def test_resnet101_alternate_blocks_have_neither_attention_nor_shift():
     )
 
 
+def test_wrongly_shaped_inputs_are_named():
+    unit = models.AttentionUnit("CinST")
+    with pytest.raises(
+        ValueError, match=r"\[b, t, h, w, c\] expected, got float32 \(16, 8, 8, 4\)"
+    ):
+        unit.init(jax.random.key(0), jnp.zeros((16, 8, 8, 4)), train=False)
+    with pytest.raises(ValueError, match="floating-point map"):
+        unit.init(jax.random.key(0), jnp.zeros((2, 8, 8, 8, 4), jnp.int32), train=False)
+    tsm = models.ResNet(depth=14, width=8, form="TSM", num_segments=8)
+    with pytest.raises(ValueError, match="12 frames are not whole clips of num_segments=8"):
+        tsm.init(jax.random.key(0), jnp.zeros((12, 32, 32, 3)), train=False)
+    i3d = models.ResNet(depth=14, width=8, form="I3D")
+    with pytest.raises(ValueError, match=r"clips \[B, T, H, W, C\] expected"):
+        i3d.init(jax.random.key(0), jnp.zeros((8, 32, 32, 3)), train=False)
+    # A plain C2D classifies frames independently: any number of them.
+    c2d = models.ResNet(depth=14, width=8, form="C2D", num_segments=8)
+    frames = jax.ShapeDtypeStruct((3, 32, 32, 3), jnp.float32)
+    assert jax.eval_shape(lambda x: c2d.init(jax.random.key(0), x, train=False), frames)
+
+
 def test_create_rejects_unknown_names_with_the_list():
     with pytest.raises(ValueError, match="valid names: C2D, C2D_C_BN"):
         models.create("TSM_CinSt", num_classes=3)

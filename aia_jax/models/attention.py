@@ -195,6 +195,11 @@ class AttentionUnit(nn.Module):
             raise ValueError(
                 f"unknown attention unit {self.unit!r}; expected one of {list(UNIT_GATES)}"
             )
+        if x.ndim != 5 or not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(
+                f"AttentionUnit: a floating-point map [b, t, h, w, c] expected, "
+                f"got {x.dtype} {x.shape}"
+            )
 
         def norm(gate: str) -> Callable[[jax.Array], jax.Array]:
             if self.impl == "fused":

@@ -181,6 +181,21 @@ class Bottleneck(nn.Module):
         return nn.relu(y + residual)
 
 
+def _check_input(x: jax.Array, form: str, num_segments: int, *, clips: bool) -> None:
+    """Names a wrongly shaped input here, rather than letting a reshape deep inside fail."""
+    if form == "I3D":
+        if x.ndim != 5:
+            raise ValueError(f"ResNet(form='I3D'): clips [B, T, H, W, C] expected, got {x.shape}")
+        return
+    if x.ndim != 4:
+        raise ValueError(f"ResNet(form={form!r}): frames [B*T, H, W, C] expected, got {x.shape}")
+    if clips and x.shape[0] % num_segments:
+        raise ValueError(
+            f"ResNet(form={form!r}): {x.shape[0]} frames are not whole clips of "
+            f"num_segments={num_segments}"
+        )
+
+
 class ResNet(nn.Module):
     """The release's `base_model`: stem, four bottleneck stages, global average pool.
 
@@ -223,6 +238,9 @@ class ResNet(nn.Module):
         if self.form not in TEMPORAL_FORMS:
             raise ValueError(f"form must be one of {TEMPORAL_FORMS}, got {self.form!r}")
         three_d = self.form == "I3D"
+        _check_input(
+            x, self.form, self.num_segments, clips=self.form != "C2D" or self.attention != "none"
+        )
         x = x.astype(self.dtype)
         if three_d:
             stem = dict(kernel_size=(5, 7, 7), strides=(1, 2, 2), padding=((2, 2), (3, 3), (3, 3)))
