@@ -102,12 +102,15 @@ def unknown_override(error: BaseException, argv: Sequence[str], flag: str = "con
     inner = error.args[0] if error.args else error
     if isinstance(inner, KeyError) and inner.args:
         inner = inner.args[0]
-    name = str(inner).strip("\"'")
+    # For a near miss ml_collections adds a line: 'nmae'\nDid you mean "name" instead of "nmae"?
+    name, _, hint = str(inner).partition("\n")
+    name = name.strip("\"'")
+    hint = f" ({hint.strip()})" if hint.strip() else ""
     for arg in argv:
         key = arg.split("=", 1)[0]
         if key.startswith(f"--{flag}.") and key.rsplit(".", 1)[-1] == name:
-            return f"{key}: the config has no field {key[len(flag) + 3 :]!r}"
-    return f"a --{flag}.* override names a field the config does not have ({name!r})"
+            return f"{key}: the config has no field {key[len(flag) + 3 :]!r}{hint}"
+    return f"a --{flag}.* override names a field the config does not have ({name!r}){hint}"
 
 
 def _last_line(error: BaseException) -> str:

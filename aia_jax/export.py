@@ -33,9 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aia_jax.errors import UserError, positive_int, reported_as_usage_errors
+from aia_jax.errors import UserError, one_line, positive_int, reported_as_usage_errors
 
 SIDECAR_SUFFIX = ".json"
+# What `jax.export` lowers for.
+LOWERING_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 FORMAT = "aia-jax-export"
 VERSION = 1
 INPUT_DTYPES = ("uint8", "float32")
@@ -90,6 +92,12 @@ def export_model(
     Args:
       platforms: e.g. `('cpu', 'cuda')` to serve on either; default the current backend.
     """
+    unknown = [p for p in platforms or () if p not in LOWERING_PLATFORMS]
+    if unknown:
+        raise UserError(
+            f"platforms {', '.join(map(repr, unknown))}: expected some of "
+            f"{', '.join(LOWERING_PLATFORMS)}"
+        )
     (b,) = jax.export.symbolic_shape("b", constraints=("b >= 1",))
     spec = jax.ShapeDtypeStruct(
         (b, model.num_segments, crop_size, crop_size, 3), jnp.dtype(input_dtype)
@@ -180,7 +188,14 @@ class LoadedExport:
 def load_exported(path: str) -> LoadedExport:
     """Reads `path` (serialized `Exported`) and its sidecar `path.json` (optional)."""
     with open(path, "rb") as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
+        blob = bytearray(f.read())
+    try:
+        exported = jax.export.deserialize(blob)
+    except Exception as e:  # noqa: BLE001 - a foreign or damaged file fails anywhere in parsing
+        raise UserError(
+            f"{path}: not a model exported by aia_jax.export ({type(e).__name__}: "
+            f"{one_line(e)[:200]})"
+        ) from None
     sidecar: dict[str, Any] = {}
     if os.path.exists(path + SIDECAR_SUFFIX):
         with open(path + SIDECAR_SUFFIX) as f:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from aia_jax.errors import InputNotFoundError, UserError
+from aia_jax.errors import InputNotFoundError, UserError, one_line
 
 PyTree = Any
 
@@ -75,6 +76,11 @@ def write_meta(directory: str, meta: Mapping[str, Any]) -> None:
 def read_meta(directory: str) -> dict[str, Any]:
     """Reads `model.json` from a model directory or training workdir."""
     path = os.path.join(directory, MODEL_JSON)
+    if os.path.isfile(directory) and directory.endswith((".pth", ".pth.tar", ".safetensors")):
+        raise InputNotFoundError(
+            f"{directory}: a PyTorch checkpoint, not a model directory; convert it first with "
+            "`python -m aia_jax.convert torch2flax`"
+        )
     if not os.path.exists(path):
         raise InputNotFoundError(f"{path} not found: {directory} is not a model directory")
     with open(path) as f:
@@ -104,12 +110,57 @@ def save_model(directory: str, variables: Mapping[str, PyTree], meta: Mapping[st
         write_meta(directory, {"format": FORMAT, "version": VERSION, **meta})
 
 
-def _restore_numpy(path: str) -> PyTree:
-    """Restores an Orbax pytree checkpoint as host numpy arrays (independent of devices)."""
-    with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.metadata(path).item_metadata.tree
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+def restore_numpy(path: str, keys: tuple[str, ...] | None = None) -> PyTree:
+    """Restores an Orbax pytree checkpoint as host numpy arrays (independent of devices).
+
+    Args:
+      path: the checkpoint's directory.
+      keys: restore only these top-level entries (default: all).
+
+    Raises:
+      UserError: the checkpoint is incomplete or damaged (naming `path`).
+    """
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            item = ckptr.metadata(path).item_metadata
+            if item is None:
+                raise ValueError("its _METADATA is missing")
+            tree = item.tree
+            if keys is not None:
+                tree = {k: tree[k] for k in keys}
+            args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            if keys is None:
+                restore = ocp.args.PyTreeRestore(restore_args=args)
+            else:
+                restore = ocp.args.PyTreeRestore(item=tree, restore_args=args, partial_restore=True)
+            return ckptr.restore(path, args=restore)
+    except (ValueError, KeyError, OSError) as e:
+        if isinstance(e, UserError):
+            raise
+        _quiet_closed_event_loop()
+        raise UserError(
+            f"{path}: cannot read this checkpoint, it is incomplete or damaged "
+            f"({one_line(e)[:300]})"
+        ) from None
+
+
+def _quiet_closed_event_loop() -> None:
+    """Drops the reports of reads still in flight when a restore failed.
+
+    Orbax closes its event loop on the first failed read; the other reads then complete and
+    each reports 'Event loop is closed' through `sys.unraisablehook`, burying the real error.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_event_loop", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_event_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def load_model(path: str, *, step: int | None = None) -> tuple[dict[str, PyTree], dict[str, Any]]:
@@ -127,7 +178,7 @@ def load_model(path: str, *, step: int | None = None) -> tuple[dict[str, PyTree]
     """
     meta = read_meta(path)
     if os.path.isdir(os.path.join(path, VARIABLES_DIR)):
-        tree = _restore_numpy(os.path.abspath(os.path.join(path, VARIABLES_DIR)))
+        tree = restore_numpy(os.path.abspath(os.path.join(path, VARIABLES_DIR)))
     else:
         from aia_jax.train import checkpoint  # a training workdir
 
@@ -162,6 +213,18 @@ def load_for_init(path: str, model_or_meta: Any) -> dict[str, PyTree]:
     if not os.path.isdir(path):
         raise InputNotFoundError(f"init_from={path!r}: no such model directory, workdir or file")
     variables, meta = load_model(path)
+    # A backbone of another depth or width shares some paths and shapes with this one; copying
+    # just those would leave the rest random while training goes ahead.
+    differ = [
+        f"{key} {meta[key]} (this model: {target[key]})"
+        for key in ("depth", "width")
+        if key in meta and key in target and meta[key] != target[key]
+    ]
+    if differ:
+        raise UserError(
+            f"init_from={path!r}: holds a network of another {', '.join(differ)}; "
+            "initialise from one of the same depth and width"
+        )
     if canonical_name(meta["name"]) != canonical_name(target["name"]):
         logging.warning(
             "init_from: %s holds a %s, initialising a %s from it.",
@@ -195,22 +258,38 @@ def canonical_name(name: str) -> str:
         return name
 
 
+# The classifier (`VideoNet`'s `new_fc`, or the backbone's `fc` without dropout) may have
+# another number of classes than the network it is initialised from.
+CLASSIFIER_PATHS = ("params/new_fc/", "params/base_model/fc/")
+
+
 def merge_for_init(init: PyTree, loaded: PyTree) -> tuple[PyTree, list[str], list[str]]:
     """Overlays `loaded` onto `init` where paths and shapes agree.
 
     Returns:
       `(merged, copied, kept)`: the merged tree, and the '/'-joined paths copied from `loaded`
-      and those that kept their initial value (missing or of another shape).
+      and those that kept their initial value (missing, or a classifier of another shape).
+
+    Raises:
+      ValueError: a tensor outside the classifier has another shape in `loaded` (another
+        width, a 2-D kernel for a 3-D one, ...).
     """
     flat_init = traverse_util.flatten_dict(init, sep="/")
     flat_loaded = traverse_util.flatten_dict(loaded, sep="/")
-    merged, copied, kept = {}, [], []
+    merged, copied, kept, reshaped = {}, [], [], []
     for key, value in flat_init.items():
         other = flat_loaded.get(key)
         if other is not None and tuple(np.shape(other)) == tuple(value.shape):
             merged[key] = np.asarray(other).astype(value.dtype)
             copied.append(key)
         else:
+            if other is not None and not key.startswith(CLASSIFIER_PATHS):
+                reshaped.append(f"{key} {tuple(np.shape(other))} (model: {tuple(value.shape)})")
             merged[key] = value
             kept.append(key)
+    if reshaped:
+        raise ValueError(
+            f"{len(reshaped)} tensors outside the classifier have another shape than the "
+            f"model's, e.g. {reshaped[0]}"
+        )
     return traverse_util.unflatten_dict(merged, sep="/"), copied, kept

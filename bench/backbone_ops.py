@@ -145,7 +145,8 @@ def op_tables(args) -> None:
 
 
 def network_tables(args) -> None:
-    print("\n### Whole networks, ResNet-50, 1 clip of 8 × 224², float32 (ms, median (min))\n")
+    clip = f"{args.batch} clip(s) of {args.frames} × {args.size}²"
+    print(f"\n### Whole networks, ResNet-50, {clip}, float32 (ms, median (min))\n")
     print("| net | mode | Flax ops | `layers` ops | speed-up | compile s (Flax / layers) |")
     print("|---|---|---|---|---|---|")
     clips = common.jax_clips(args.batch, args.frames, args.size)

@@ -29,6 +29,11 @@ def _one_error_line(capsys, main, argv, program, *, usage=False) -> str:
     [
         (["--config.foo=1"], "--config.foo: the config has no field 'foo'"),
         (["--config.data.nope=1"], "--config.data.nope: the config has no field 'data.nope'"),
+        (  # a near miss: ml_collections adds a suggestion on a second line of its KeyError
+            ["--config.model.nmae=C2D"],
+            "--config.model.nmae: the config has no field 'model.nmae' "
+            '(Did you mean "name" instead of "nmae"?)',
+        ),
     ],
 )
 def test_evaluate_config_errors(capsys, tmp_path, args, message):
@@ -73,6 +78,10 @@ def test_predict_and_export_errors(capsys, tmp_path):
     assert line.endswith("argument --resize: '32': expected H,W (two positive integers)")
     argv = ["v.mp4", "--checkpoint", str(tmp_path)]
     assert "is not a model directory" in _one_error_line(capsys, predict.main, argv, program)
+    (tmp_path / "release.pth.tar").write_bytes(b"")
+    argv = ["v.mp4", "--checkpoint", str(tmp_path / "release.pth.tar")]
+    line = _one_error_line(capsys, predict.main, argv, program)
+    assert "a PyTorch checkpoint, not a model directory; convert it first" in line
     argv = ["--checkpoint", "m", "--output", "m.jaxexport", "--crop-size", "0"]
     line = _one_error_line(capsys, export.main, argv, "python -m aia_jax.export", usage=True)
     assert line.endswith("argument --crop-size: '0': expected a positive integer")

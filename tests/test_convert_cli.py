@@ -5,6 +5,7 @@ The path under test is the user's: a file written by `torch.save` as the release
 PyTorch implementation; and back with `flax2torch` into PyTorch's `load_state_dict(strict=True)`.
 """
 
+import os
 import subprocess
 import sys
 from collections import OrderedDict
@@ -175,11 +176,11 @@ def test_flax2torch_bare_and_safetensors(tmp_path, capsys, converted):
 
     _, ckpt, model_dir = converted
     original = torch.load(ckpt, weights_only=True)["state_dict"]
-    code, _, err = _cli(
-        capsys, "flax2torch", "--checkpoint", model_dir, "--output", tmp_path / "w.safetensors"
-    )
+    out = tmp_path / "new_folder" / "w.safetensors"  # the folder is created
+    code, _, err = _cli(capsys, "flax2torch", "--checkpoint", model_dir, "--output", out)
     assert code == 0, err
-    tensors = load_file(str(tmp_path / "w.safetensors"))
+    assert os.stat(out).st_mode & 0o777 == os.stat(ckpt).st_mode & 0o777  # as torch.save's
+    tensors = load_file(str(out))
     assert set(tensors) == set(original)
     for key, value in original.items():
         assert tensors[key].dtype == value.numpy().dtype
@@ -198,7 +199,7 @@ def test_flax2torch_bare_and_safetensors(tmp_path, capsys, converted):
     fresh.load_state_dict(bare, strict=True)
 
     # A safetensors file converts back too (torch2flax reads it without torch).
-    _torch2flax(capsys, tmp_path / "w.safetensors", "C2D_CinST2STinC_BN", tmp_path / "again")
+    _torch2flax(capsys, out, "C2D_CinST2STinC_BN", tmp_path / "again")
     again, meta = modelio.load_model(str(tmp_path / "again"))
     first, _ = modelio.load_model(str(model_dir))
     assert meta["source"]["epoch"] == 7

@@ -344,3 +344,32 @@ def test_training_workdir_uses_its_best_checkpoint(setup, tmp_path, capsys):
     # Without --config the CLI reads the workdir's config.json.
     evaluate.main(["evaluate", "--checkpoint", str(workdir)])
     assert f"top-1 {100 * r['metrics']['top1']:.2f}%" in capsys.readouterr().out
+
+
+def test_damaged_checkpoint_is_one_error(tmp_path, capfd):
+    """A model directory with a truncated data file or without its metadata is named in one
+    error, without the 'Event loop is closed' reports of the reads still in flight."""
+    import shutil
+    import time
+
+    good = make_model_dir(tmp_path / "good")
+    modelio.load_model(good)
+    truncated = str(tmp_path / "truncated")
+    shutil.copytree(good, truncated)
+    data_files = [
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(os.path.join(truncated, modelio.VARIABLES_DIR))
+        for name in names
+        if os.sep + "d" + os.sep in os.path.join(folder, name) + os.sep
+    ]
+    for path in data_files:
+        os.truncate(path, 100)
+    no_metadata = str(tmp_path / "no_metadata")
+    shutil.copytree(good, no_metadata)
+    os.remove(os.path.join(no_metadata, modelio.VARIABLES_DIR, "_METADATA"))
+    capfd.readouterr()
+    for path in (truncated, no_metadata):
+        with pytest.raises(modelio.UserError, match="incomplete or damaged"):
+            modelio.load_model(path)
+    time.sleep(0.5)  # the other reads' callbacks arrive after the error
+    assert "Event loop is closed" not in capfd.readouterr().err

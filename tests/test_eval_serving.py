@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -105,3 +106,16 @@ def test_export_float_input(model_dir):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_export_names_unknown_platforms_and_foreign_files(model_dir, tmp_path, capsys):
+    path = str(tmp_path / "model.jaxexport")
+    argv = ["--checkpoint", model_dir, "--output", path, "--platforms", "cpu,tpux"]
+    with pytest.raises(SystemExit) as info:
+        export.main(argv)
+    assert info.value.code == 2 and not os.path.exists(path)
+    assert "platforms 'tpux': expected some of cpu, cuda, rocm, tpu" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.jaxexport"
+    garbage.write_bytes(b"not an exported model" * 10)
+    with pytest.raises(export.UserError, match="garbage.jaxexport: not a model exported by"):
+        export.load_exported(str(garbage))

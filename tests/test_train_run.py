@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from aia_jax import modelio, train
+from aia_jax.errors import UserError
 from aia_jax.train.checkpoint import Checkpoints
 from aia_jax.train.metrics import read_metrics
 
@@ -294,6 +295,15 @@ def test_init_from(env, reference, tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="init_from"):
         modelio.load_for_init(str(tmp_path / "missing"), meta)
+    # Another depth or width would share only some tensors: refused, not half copied.
+    with pytest.raises(UserError, match=r"another depth 14 \(this model: 50\)"):
+        modelio.load_for_init(model_dir, {**meta, "depth": 50})
+    wider = jax.tree.map(lambda a: np.zeros((*a.shape[:-1], 2 * a.shape[-1]), a.dtype), variables)
+    with pytest.raises(ValueError, match="outside the classifier have another shape"):
+        modelio.merge_for_init(variables, wider)
+    # A model directory is not a workdir: training into it would rewrite its model.json.
+    with pytest.raises(UserError, match="a model directory"):
+        train.run(tiny_config(env["data_dir"]), model_dir)
 
     c = tiny_config(env["data_dir"])
     c.init_from = model_dir

@@ -119,11 +119,16 @@ def save_torch(
     if arch is None:
         depth = describe_checkpoint(state_dict)["depth"]
         arch = f"resnet{depth}" if depth else ""
+    os.makedirs(os.path.dirname(os.path.abspath(name)), exist_ok=True)
     tmp = f"{name}.tmp-{os.getpid()}"
     if name.endswith(".safetensors"):
         save_safetensors(
             state_dict, tmp, {"epoch": epoch, "arch": arch, "best_prec1": float(best_prec1)}
         )
+        # safetensors creates its file owner-only; give it the mode torch.save's would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, name)
         return
     try:

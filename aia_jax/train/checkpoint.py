@@ -21,11 +21,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import grain
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from aia_jax import modelio
 from aia_jax.errors import InputNotFoundError
 from aia_jax.train.step import TrainState
 
@@ -175,14 +174,8 @@ def restore_variables(workdir: str, *, step: int | None = None) -> tuple[dict[st
         if step is None:
             raise InputNotFoundError(f"no checkpoint in {ckpts.directory}")
         path = os.path.join(ckpts.directory, str(step), STATE)
-        with ocp.PyTreeCheckpointer() as ckptr, _without_orbax_warnings(*_READ_ONLY_NOTICES):
-            tree = ckptr.metadata(path).item_metadata.tree
-            tree = {k: tree[k] for k in ("params", "batch_stats")}
-            args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-            restored = ckptr.restore(
-                path,
-                args=ocp.args.PyTreeRestore(item=tree, restore_args=args, partial_restore=True),
-            )
+        with _without_orbax_warnings(*_READ_ONLY_NOTICES):
+            restored = modelio.restore_numpy(path, keys=("params", "batch_stats"))
     finally:
         ckpts.close()
     return {k: restored[k] for k in ("params", "batch_stats")}, step

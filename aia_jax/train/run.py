@@ -132,6 +132,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cfg = config
     check_config(cfg)
     workdir = os.path.abspath(workdir)
+    if os.path.isdir(os.path.join(workdir, modelio.VARIABLES_DIR)):
+        # Training into it would rewrite its model.json beside the old variables.
+        raise UserError(
+            f"{workdir}: a model directory (it has {modelio.VARIABLES_DIR}/), not a workdir; "
+            "train into a new workdir, with config.init_from pointing here to start from it"
+        )
     main = jax.process_index() == 0
     if main:
         os.makedirs(workdir, exist_ok=True)
@@ -478,10 +484,19 @@ def _init_from(
     """Copies matching tensors of a model directory/workdir into a fresh state."""
     loaded = modelio.load_for_init(path, model)
     fresh = _to_host({"params": state.params, "batch_stats": state.batch_stats})
-    merged, copied, kept = modelio.merge_for_init(fresh, loaded)
+    try:
+        merged, copied, kept = modelio.merge_for_init(fresh, loaded)
+    except ValueError as e:
+        raise UserError(f"init_from={path!r}: {e}") from None
     note(
-        f"init_from {path}: copied {len(copied)} tensors, kept the initial value of "
-        f"{len(kept)}: " + ", ".join(kept[:20]) + (" …" if len(kept) > 20 else "")
+        f"init_from {path}: copied {len(copied)} tensors"
+        + (
+            f", kept the initial value of {len(kept)}: "
+            + ", ".join(kept[:20])
+            + (" …" if len(kept) > 20 else "")
+            if kept
+            else ""
+        )
     )
     if not copied:
         raise UserError(f"init_from={path!r}: no tensor matches the model being trained")
