@@ -120,3 +120,4 @@ def test_train_py_errors(tmp_path, args, message):
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith(message), result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w").exists()  # a run that fails its checks leaves no empty workdir

@@ -139,8 +139,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "train into a new workdir, with config.init_from pointing here to start from it"
         )
     main = jax.process_index() == 0
-    if main:
-        os.makedirs(workdir, exist_ok=True)
 
     # --- Mesh and batch geometry -------------------------------------------------------------
     mesh = mesh_lib.make_mesh()
@@ -240,6 +238,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    if main:  # only now: a run that fails its checks above leaves no empty workdir behind
+        os.makedirs(workdir, exist_ok=True)
     ckpts = Checkpoints(workdir, keep=cfg.get("keep_checkpoints", 2))
     latest = ckpts.latest_step()
     meta = modelio.model_meta(cfg.model.name, **create_kwargs)
