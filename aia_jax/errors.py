@@ -104,8 +104,8 @@ def unknown_override(error: BaseException, argv: Sequence[str], flag: str = "con
         inner = inner.args[0]
     # For a near miss ml_collections adds a line: 'nmae'\nDid you mean "name" instead of "nmae"?
     name, _, hint = str(inner).partition("\n")
-    name = name.strip("\"'")
-    hint = f" ({hint.strip()})" if hint.strip() else ""
+    name, hint = name.strip("\"'"), hint.strip()
+    hint = f" ({hint})" if hint else ""
     for arg in argv:
         key = arg.split("=", 1)[0]
         if key.startswith(f"--{flag}.") and key.rsplit(".", 1)[-1] == name:

@@ -135,8 +135,6 @@ def restore_numpy(path: str, keys: tuple[str, ...] | None = None) -> PyTree:
                 restore = ocp.args.PyTreeRestore(item=tree, restore_args=args, partial_restore=True)
             return ckptr.restore(path, args=restore)
     except (ValueError, KeyError, OSError) as e:
-        if isinstance(e, UserError):
-            raise
         _quiet_closed_event_loop()
         raise UserError(
             f"{path}: cannot read this checkpoint, it is incomplete or damaged "

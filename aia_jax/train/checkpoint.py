@@ -178,4 +178,4 @@ def restore_variables(workdir: str, *, step: int | None = None) -> tuple[dict[st
             restored = modelio.restore_numpy(path, keys=("params", "batch_stats"))
     finally:
         ckpts.close()
-    return {k: restored[k] for k in ("params", "batch_stats")}, step
+    return restored, step

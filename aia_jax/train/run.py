@@ -488,16 +488,11 @@ def _init_from(
         merged, copied, kept = modelio.merge_for_init(fresh, loaded)
     except ValueError as e:
         raise UserError(f"init_from={path!r}: {e}") from None
-    note(
-        f"init_from {path}: copied {len(copied)} tensors"
-        + (
-            f", kept the initial value of {len(kept)}: "
-            + ", ".join(kept[:20])
-            + (" …" if len(kept) > 20 else "")
-            if kept
-            else ""
-        )
-    )
+    message = f"init_from {path}: copied {len(copied)} tensors"
+    if kept:
+        message += f", kept the initial value of {len(kept)}: " + ", ".join(kept[:20])
+        message += " …" if len(kept) > 20 else ""
+    note(message)
     if not copied:
         raise UserError(f"init_from={path!r}: no tensor matches the model being trained")
     placed = _put_replicated(
