@@ -135,14 +135,14 @@ def restore_numpy(path: str, keys: tuple[str, ...] | None = None) -> PyTree:
                 restore = ocp.args.PyTreeRestore(item=tree, restore_args=args, partial_restore=True)
             return ckptr.restore(path, args=restore)
     except (ValueError, KeyError, OSError) as e:
-        _quiet_closed_event_loop()
+        quiet_closed_event_loop()
         raise UserError(
             f"{path}: cannot read this checkpoint, it is incomplete or damaged "
             f"({one_line(e)[:300]})"
         ) from None
 
 
-def _quiet_closed_event_loop() -> None:
+def quiet_closed_event_loop() -> None:
     """Drops the reports of reads still in flight when a restore failed.
 
     Orbax closes its event loop on the first failed read; the other reads then complete and

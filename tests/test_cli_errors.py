@@ -104,6 +104,7 @@ def test_predict_and_export_errors(capsys, tmp_path):
         (["--config.optimizer.lr_steps=('abc',)"],
          "train.py: error: config.optimizer.lr_steps ('abc',): expected epochs"),
         (["--config.model.depth=33"], "train.py: error: config.model: depth must be one of"),
+        (["--config.model.name=TSM_Foo"], "train.py: error: config.model: unknown model name"),
         (["--config.data.crop_size=64"], "train.py: error: config.data.crop_size 64 is larger"),
     ],
 )  # fmt: skip
@@ -120,4 +121,5 @@ def test_train_py_errors(tmp_path, args, message):
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith(message), result.stderr
     assert "Traceback" not in result.stderr
+    assert "device(s); global batch" not in result.stdout + result.stderr  # checks come first
     assert not (tmp_path / "w").exists()  # a run that fails its checks leaves no empty workdir

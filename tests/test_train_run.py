@@ -22,7 +22,7 @@ import pytest
 from aia_jax import modelio, train
 from aia_jax.errors import UserError
 from aia_jax.train.checkpoint import Checkpoints
-from aia_jax.train.metrics import read_metrics
+from aia_jax.train.metrics import Progress, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -210,6 +210,32 @@ def test_resume_with_another_network_is_refused_in_one_line(env, reference, tmp_
         train.run(c, workdir)
 
 
+def test_resume_with_another_optimiser_is_refused_in_one_line(env, reference, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference[0], workdir)
+    c = tiny_config(env["data_dir"])
+    c.optimizer.clip_grad_norm = 0.0  # one part fewer in the optimiser's chain
+    with pytest.raises(UserError, match=r"checkpoints/12: .*the optimiser differs .* leaves sav"):
+        train.run(c, workdir)
+
+
+def test_resume_from_a_damaged_checkpoint_names_it_and_the_previous_one(env, reference, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference[0], workdir)
+    data = os.path.join(workdir, "checkpoints", "12", "state", "d")
+    for name in os.listdir(data):  # the array data, as a disk error would leave it
+        os.truncate(os.path.join(data, name), 10)
+    with pytest.raises(UserError) as e:
+        train.run(tiny_config(env["data_dir"]), workdir)
+    message = str(e.value)
+    assert "checkpoints/12: cannot resume, this checkpoint is damaged or incomplete" in message
+    assert message.endswith("to resume from step 10") and "\n" not in message
+
+
 def test_sigkill_then_resume_matches_uninterrupted(env, reference, tmp_path):
     workdir = str(tmp_path / "w")
     proc = launch(env, workdir, slow=0.4)
@@ -319,3 +345,13 @@ def test_init_from(env, reference, tmp_path):
     )
     print(f"largest relative change after two steps: {worst:.2e}")
     assert worst <= 1e-2
+
+
+def test_progress_bar_shows_the_figures_of_the_interval_it_reports(capsys):
+    progress = Progress(total_steps=10, initial_step=0, clips_per_step=4)
+    for step, loss in ((4, 2.5), (8, 1.25)):
+        time.sleep(0.15)  # past tqdm's minimum interval between redraws
+        progress.update(step, loss=loss)
+        drawn = capsys.readouterr().err.split("\r")[-1]
+        assert f"{step}/10" in drawn and f"loss={loss:.4g}" in drawn, drawn
+    progress.close()

@@ -115,6 +115,7 @@ def _as_stored(x: jax.Array) -> jax.Array:
     return jax.lax.reduce_precision(xa, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _max_count_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Max of `x` over `axis` (in x's dtype), how many elements equal it, and the sum (float32).
 
@@ -144,6 +145,22 @@ def _max_count_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.A
         partial = jax.lax.reduce(operands, init, combine, (axis + 1,))
         mx, count, total = jax.lax.reduce(partial, init, combine, (axis,))
     return mx.astype(x.dtype), count.astype(jnp.float32), total.astype(jnp.float32)
+
+
+@_max_count_sum.defjvp
+def _max_count_sum_jvp(axis, primals, tangents):
+    # Only a gradient of a gradient differentiates the pool's forward pass. JAX's derivative of
+    # a variadic reduction fails on the tie count's constant operand (its tangent is a symbolic
+    # zero), so the derivative is written out: jnp.max's (the tangent at the maxima, averaged
+    # over ties), none for the count, the sum's for the sum.
+    (x,), (dx,) = primals, tangents
+    mx, count, total = _max_count_sum(x, axis)
+    stored = _as_stored(x)
+    hit = stored == _expand(mx, axis).astype(stored.dtype)
+    # Plain sums: reverse mode transposes these, which it cannot do for a variadic reduction.
+    d_max = jnp.sum(jnp.where(hit, dx.astype(jnp.float32), 0.0), axis=axis) / count
+    d_total = jnp.sum(dx.astype(jnp.float32), axis=axis)
+    return (mx, count, total), (d_max.astype(mx.dtype), jnp.zeros_like(count), d_total)
 
 
 def _reduce_product(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -147,6 +148,41 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return TrainState.from_dict(restored[STATE])
 
+    def state_differences(self, step: int, abstract_state: TrainState) -> list[str] | None:
+        """How the state saved at `step` differs from `abstract_state` in leaves and shapes.
+
+        Tells a checkpoint of another optimiser (other leaves) from a damaged one (the same
+        leaves, unreadable data) when a restore fails.
+
+        Returns:
+          `[]` when the saved leaves and shapes are those of `abstract_state`, else one line
+          per kind of difference (with a count and an example); None when not even the
+          checkpoint's metadata can be read.
+        """
+        path = os.path.join(self.directory, str(step), STATE)
+        try:
+            with _without_orbax_warnings(*_READ_ONLY_NOTICES), ocp.PyTreeCheckpointer() as ckptr:
+                item = ckptr.metadata(path).item_metadata
+                saved_tree = None if item is None else item.tree
+        except Exception:  # noqa: BLE001 - Orbax raises many types for damaged metadata
+            modelio.quiet_closed_event_loop()
+            return None
+        if saved_tree is None:
+            return None
+        saved, expected = _leaf_shapes(saved_tree), _leaf_shapes(abstract_state.to_dict())
+        kinds = {
+            "saved but not in this config's state": [k for k in saved if k not in expected],
+            "of this config's state not saved": [k for k in expected if k not in saved],
+            "of another shape": [
+                f"{k} {saved[k]} → {expected[k]}"
+                for k in saved
+                if k in expected and saved[k] != expected[k]
+            ],
+        }
+        return [
+            f"{len(keys)} leaves {kind}, e.g. {keys[0]}" for kind, keys in kinds.items() if keys
+        ]
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are complete."""
         self.manager.wait_until_finished()
@@ -154,6 +190,21 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """`{'opt_state/1/trace/…': shape}` of a pytree's array leaves.
+
+    Orbax's metadata tree spells a namedtuple's fields as dict keys and a tuple's items as list
+    items, so only the key's name or index is kept.
+    """
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not hasattr(leaf, "shape"):  # Orbax records the optimiser's masked-out leaves
+            continue
+        keys = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+        shapes["/".join(str(k) for k in keys)] = tuple(leaf.shape)
+    return shapes
 
 
 def restore_variables(workdir: str, *, step: int | None = None) -> tuple[dict[str, Any], int]:

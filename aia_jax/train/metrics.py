@@ -115,10 +115,12 @@ class Progress:
         rate = (step - last_step) * self.clips_per_step / max(now - last_time, 1e-9)
         self._last = (step, now)
         if self.active:
-            self._bar.update(step - self._bar.n)
             shown = {"clips/s": f"{rate:.1f}"}
             shown.update({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()})
+            # Before the move, which redraws the bar: set after it, the figures would show one
+            # interval late.
             self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(step - self._bar.n)
         return rate
 
     def write(self, message: str) -> None:

@@ -146,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mesh_lib.check_batch_size(batch_size, mesh, accum)
     eval_batch_size = cfg.get("eval_batch_size") or batch_size
     mesh_lib.check_batch_size(eval_batch_size, mesh, name="eval_batch_size")
-    note(
+    geometry = (
         f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s); global batch {batch_size} = {batch_size // mesh.size} per device"
         + (f" in {accum} accumulation steps" if accum > 1 else "")
@@ -188,6 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         partial_bn=partial_bn,
         attention_impl=cfg.model.get("attention_impl", models.DEFAULT_IMPL),
     )
+    note(geometry)  # only now, so that a bad data or model field is the run's first line
     opt_cfg = cfg.optimizer
     schedule = optim.make_schedule(
         opt_cfg,
@@ -253,13 +254,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
         try:
             state = ckpts.restore(latest, target, train_iter)
-        except (ValueError, KeyError, TypeError) as e:
-            # E.g. another optimiser (its state has other leaves) over the same model.
-            raise UserError(
-                f"{ckpts.directory}/{latest}: cannot resume it with this config (the model or "
-                f"the optimiser differs from the run that wrote it; use a new workdir): "
-                f"{one_line(e)[:300]}"
-            ) from None
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise _resume_error(ckpts, latest, abstract_state, e) from None
     else:
         state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
         if cfg.get("init_from"):
@@ -456,6 +452,30 @@ def _create_model(name: str, **kwargs: Any) -> Any:
         return models.create(name, **kwargs)
     except ValueError as e:  # an unknown name, depth, dropout, attention_impl, …
         raise UserError(f"config.model: {one_line(e)}") from None
+
+
+def _resume_error(
+    ckpts: Checkpoints, step: int, abstract_state: step_lib.TrainState, error: Exception
+) -> UserError:
+    """Why the checkpoint at `step` cannot be resumed: another optimiser, or damage."""
+    modelio.quiet_closed_event_loop()
+    where = f"{ckpts.directory}/{step}"
+    differences = ckpts.state_differences(step, abstract_state)
+    if differences:  # the model was checked against model.json: the optimiser differs
+        return UserError(
+            f"{where}: cannot resume it with this config (the optimiser differs from the run "
+            f"that wrote it: {'; '.join(differences)}); use a new workdir"
+        )
+    earlier = [s for s in ckpts.all_steps() if s < step]
+    fallback = (
+        f"move it out of {ckpts.directory} to resume from step {max(earlier)}"
+        if earlier
+        else "it is the only checkpoint; use a new workdir"
+    )
+    return UserError(
+        f"{where}: cannot resume, this checkpoint is damaged or incomplete "
+        f"({one_line(error)[:200]}); {fallback}"
+    )
 
 
 def _check_same_model(workdir: str, meta: dict[str, Any]) -> None:
