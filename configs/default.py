@@ -9,12 +9,12 @@ The order-blind baseline for comparison (TSN: per-frame ResNet + average consens
     python train.py --config configs/default.py --workdir runs/default_c2d --config.model.name=C2D
 
 Expected result: see the README's "Quick start results" (measured on a 2-core CPU). Measured
-again with `TFDS_DATA_DIR=/tmp/tfds python train.py --config configs/default.py --workdir
-/tmp/wdefault` (2-core CPU shared with other jobs, jax 0.10.2): 221 s wall time including dataset
-generation and compilation (1,200 steps, ~90-125 clips/s); val top-1 97.7 %, top-5 99.6 % over
-the 480 validation videos (1 clip × 1 centre crop); per-2-epoch val top-1 17.7 / 81.0 / 96.7 /
-97.7 %. Chance is 8.3 % (12 classes). The final figure moves by several points with the seed
-or with float32 rounding (85-97 % measured over seeds 0 and 1 and two code versions; README).
+again from a fresh clone on 2026-12-05 with the README's quick-start command (install included,
+dataset already generated; 2-core CPU, jax 0.10.2): 150 s wall time, peak resident set 1.5 GiB,
+~200 clips/s; val top-1 95.2 %, top-5 99.6 % over the 480 validation videos (1 clip × 1 centre
+crop); per-2-epoch val top-1 21.9 / 77.7 / 92.7 / 95.2 %. Chance is 8.3 % (12 classes). The
+final figure moves by several points with the seed or with float32 rounding (85-97 % measured
+over seeds 0 and 1 and several code versions; README).
 """
 
 from configs.common import release_recipe
