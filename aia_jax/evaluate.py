@@ -390,6 +390,9 @@ def evaluate(
                 f"{ck.path}: a {ck.meta['num_classes']}-class model, but the data "
                 f"has {num_classes} classes"
             )
+    flips = [m for _, _, m in data.eval_views(data_cfg)]
+    # Read (and checked) before the pass over the data, which may take hours.
+    flip_table = data_config_lib.flip_lookup(data_cfg) if unflip_mirrored and any(flips) else None
     try:
         class_names = data.class_names(data_cfg)
     except data.DataError as e:
@@ -438,15 +441,12 @@ def evaluate(
             per_ckpt[i] = group_logits[j]
     view_logits = np.stack(per_ckpt)  # [M, N, V, K]
 
-    flips = [m for _, _, m in data.eval_views(data_cfg)]
-    if unflip_mirrored and any(flips):
-        table = data_config_lib.flip_lookup(data_cfg)
-        if not np.array_equal(table, np.arange(num_classes)):
-            # A class-c video, mirrored, looks like class table[c]: read c's score there.
-            view_logits = view_logits.copy()
-            for v, mirrored in enumerate(flips):
-                if mirrored:
-                    view_logits[:, :, v] = view_logits[:, :, v][..., table]
+    if flip_table is not None and not np.array_equal(flip_table, np.arange(num_classes)):
+        # A class-c video, mirrored, looks like class flip_table[c]: read c's score there.
+        view_logits = view_logits.copy()
+        for v, mirrored in enumerate(flips):
+            if mirrored:
+                view_logits[:, :, v] = view_logits[:, :, v][..., flip_table]
     view_scores = view_logits if average == "logits" else _softmax(view_logits)
     checkpoint_scores = view_scores.mean(axis=2)
     scores = checkpoint_scores.mean(axis=0)

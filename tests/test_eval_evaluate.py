@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from aia_jax import data, evaluate, metrics_report, modelio, models
+from aia_jax.errors import UserError
 from aia_jax.train import mesh as mesh_lib
 
 T, S, CLASSES = 4, 32, 4
@@ -172,6 +173,18 @@ def test_mirrored_views_are_unflipped(setup):
     assert "flip map" in r["protocol"]["description"]
     raw = evaluate.evaluate(cfg, [ck1], batch_size=8, unflip_mirrored=False)
     np.testing.assert_allclose(raw["scores"], expected.mean(axis=1), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_flip_map_is_refused_before_the_pass_over_the_data(setup, monkeypatch):
+    _, cfg, ck1, _ = setup
+    cfg = data_config(cfg.root, test_crops=10, flip_map=[[0, 9]])  # 4 classes
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the data was read before the flip map was checked")
+
+    monkeypatch.setattr(evaluate, "_run_group", no_pass)
+    with pytest.raises(UserError, match=r"config.data.flip_map: .*0->9 is outside \[0, 4\)"):
+        evaluate.evaluate(cfg, [ck1], batch_size=8)
 
 
 def test_ensemble_is_the_mean_of_scores(setup, tmp_path):
