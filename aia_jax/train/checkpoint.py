@@ -163,13 +163,12 @@ class Checkpoints:
         try:
             with _without_orbax_warnings(*_READ_ONLY_NOTICES), ocp.PyTreeCheckpointer() as ckptr:
                 item = ckptr.metadata(path).item_metadata
-                saved_tree = None if item is None else item.tree
         except Exception:  # noqa: BLE001 - Orbax raises many types for damaged metadata
             modelio.quiet_closed_event_loop()
             return None
-        if saved_tree is None:
+        if item is None:
             return None
-        saved, expected = _leaf_shapes(saved_tree), _leaf_shapes(abstract_state.to_dict())
+        saved, expected = _leaf_shapes(item.tree), _leaf_shapes(abstract_state.to_dict())
         kinds = {
             "saved but not in this config's state": [k for k in saved if k not in expected],
             "of this config's state not saved": [k for k in expected if k not in saved],
@@ -193,15 +192,13 @@ class Checkpoints:
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """`{'opt_state/1/trace/…': shape}` of a pytree's array leaves.
+    """`{'opt_state/1/trace/…': shape}` of a pytree's leaves (arrays, shapes or Orbax metadata).
 
     Orbax's metadata tree spells a namedtuple's fields as dict keys and a tuple's items as list
     items, so only the key's name or index is kept.
     """
     shapes = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if not hasattr(leaf, "shape"):  # Orbax records the optimiser's masked-out leaves
-            continue
         keys = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
         shapes["/".join(str(k) for k in keys)] = tuple(leaf.shape)
     return shapes
