@@ -28,7 +28,9 @@ import sys
 
 import numpy as np
 
-_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+# What train.py adds (aia_jax.xla_cpu.CPU_FLAGS). Tables before 2026-12-05 show the deprecated
+# `--xla_cpu_enable_concurrency_optimized_scheduler=false`: the same compiled program.
+_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 _WIDE = "--xla_cpu_prefer_vector_width=512"
 # Each set: exactly these XLA_FLAGS (not those train.py adds), whether its process also
 # applies `aia_jax.xla_cpu.retain_host_memory` (glibc keeps the memory XLA frees), and a glibc
@@ -50,6 +52,34 @@ FLAG_SETS = {
     # What retain_host_memory set before 2026-12-04: the largest int, so glibc trimmed a free
     # top of more than 2 GiB.
     "host memory kept, trimmed above 2 GiB": (_SCHEDULER, True, 2**31 - 1),
+    # jaxlib 0.10's own switches, each on top of what train.py applies; the first one instead of
+    # train.py's scheduler (it is XLA's default).
+    "host memory kept, concurrency-optimized scheduler": (
+        "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
+        True,
+        None,
+    ),
+    "host memory kept, fast-runtime preset": (
+        f"{_SCHEDULER} --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
+        True,
+        None,
+    ),
+    "host memory kept, fast-compile preset": (
+        f"{_SCHEDULER} --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE",
+        True,
+        None,
+    ),
+    "host memory kept, YNN fusions": (
+        f"{_SCHEDULER} --xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce,"
+        "individual_convolution,individual_dot",
+        True,
+        None,
+    ),
+    "host memory kept, XNN graph fusion": (
+        f"{_SCHEDULER} --xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+        True,
+        None,
+    ),
 }
 
 os.environ["AIA_JAX_XLA_CPU_FLAGS"] = "0"

@@ -22,6 +22,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 from aia_jax import xla_cpu  # noqa: E402
 
-# What train.py runs with: glibc keeps the memory XLA:CPU frees between executions, instead of
-# faulting fresh pages in for every one (bench/RESULTS.md §3). Before any backend starts.
-xla_cpu.retain_host_memory()
+# What train.py runs with, so that every result is checked under it: its XLA:CPU flags, and
+# glibc keeping the memory XLA:CPU frees between executions instead of faulting fresh pages in
+# for every one (bench/RESULTS.md §3). Before any backend starts.
+xla_cpu.apply_cpu_flags()

@@ -8,8 +8,9 @@ import pytest
 
 from aia_jax import xla_cpu
 
-FLAG = xla_cpu.CPU_FLAGS[0]
-NAME = FLAG.split("=")[0]
+FLAGS = list(xla_cpu.CPU_FLAGS)
+SCHEDULER, OTHERS = FLAGS[0], FLAGS[1:]
+NAME = SCHEDULER.split("=")[0]
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,15 +21,24 @@ def measured(monkeypatch):
 
 def test_adds_flags_after_the_users(measured):
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    assert xla_cpu.apply_cpu_flags(env) == [FLAG]
-    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {FLAG}"
+    assert xla_cpu.apply_cpu_flags(env) == FLAGS
+    assert env["XLA_FLAGS"] == " ".join(["--xla_force_host_platform_device_count=8", *FLAGS])
     assert xla_cpu.apply_cpu_flags(env) == []  # idempotent
 
 
-def test_keeps_a_flag_the_user_set(measured):
-    env = {"XLA_FLAGS": f"{NAME}=true"}
-    assert xla_cpu.apply_cpu_flags(env) == []
-    assert env["XLA_FLAGS"] == f"{NAME}=true"
+@pytest.mark.parametrize(
+    "users",
+    [
+        f"{NAME}=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
+        # The deprecated flag that makes the same choice: adding ours would overrule it.
+        "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+    ],
+)
+def test_keeps_a_flag_the_user_set(measured, users):
+    # XLA takes the last of two flags that make the same choice: the user's must stay the only one.
+    env = {"XLA_FLAGS": users}
+    assert xla_cpu.apply_cpu_flags(env) == OTHERS
+    assert env["XLA_FLAGS"] == " ".join([users, *OTHERS])
 
 
 def test_opt_out_and_unmeasured_jaxlib(measured, monkeypatch):
@@ -89,7 +99,7 @@ def test_commands_apply_the_flags_before_the_backend_starts():
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [ln.split(" ") for ln in proc.stdout.splitlines() if ln.startswith(("IMPORTED", "RAN"))]
     assert lines[0] == ["IMPORTED", ""]
-    assert [ln[1:] for ln in lines[1:]] == [[t, FLAG, "False"] for t in targets]
+    assert [ln[1:] for ln in lines[1:]] == [[t, *FLAGS, "False"] for t in targets]
 
 
 _FAULTS_PROGRAM = """if True:
