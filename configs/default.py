@@ -9,12 +9,13 @@ The order-blind baseline for comparison (TSN: per-frame ResNet + average consens
     python train.py --config configs/default.py --workdir runs/default_c2d --config.model.name=C2D
 
 Expected result: see the README's "Quick start results" (measured on a 2-core CPU). Measured
-again from a fresh clone on 2026-12-05 with the README's quick-start command (install included,
-dataset already generated; 2-core CPU, jax 0.10.2): 150 s wall time, peak resident set 1.5 GiB,
-~200 clips/s; val top-1 95.2 %, top-5 99.6 % over the 480 validation videos (1 clip × 1 centre
-crop); per-2-epoch val top-1 21.9 / 77.7 / 92.7 / 95.2 %. Chance is 8.3 % (12 classes). The
-final figure moves by several points with the seed or with float32 rounding (85-97 % measured
-over seeds 0 and 1 and several code versions; README).
+again from a fresh clone on 2026-12-05, after the XLA:CPU fast-compile preset was added, with the
+README's quick-start command (install included, dataset already generated; 2-core CPU, jax
+0.10.2): 130 s wall time, peak resident set 1.5 GiB, ~230 clips/s; val top-1 94.4 %, top-5 99.6 %
+over the 480 validation videos (1 clip × 1 centre crop); per-2-epoch val top-1 19.2 / 76.9 /
+90.6 / 94.4 % (95.2 % before the preset, which rounds float32 differently). Chance is 8.3 % (12
+classes). The final figure moves by several points with the seed or with float32 rounding
+(85-97 % measured over seeds 0 and 1 and several code versions; README).
 """
 
 from configs.common import release_recipe
