@@ -28,8 +28,9 @@ import sys
 
 import numpy as np
 
-# What train.py adds (aia_jax.xla_cpu.CPU_FLAGS). Tables before 2026-12-05 show the deprecated
-# `--xla_cpu_enable_concurrency_optimized_scheduler=false`: the same compiled program.
+# train.py's scheduler setting (the first of aia_jax.xla_cpu.CPU_FLAGS). Tables before 2026-12-05
+# show the deprecated `--xla_cpu_enable_concurrency_optimized_scheduler=false`: the same compiled
+# program.
 _SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 _WIDE = "--xla_cpu_prefer_vector_width=512"
 # Each set: exactly these XLA_FLAGS (not those train.py adds), whether its process also
@@ -47,13 +48,14 @@ FLAG_SETS = {
     "fast math": ("--xla_cpu_enable_fast_math=true", False, None),
     "no concurrency scheduler": (_SCHEDULER, False, None),
     "512-bit vectors": (f"{_SCHEDULER} {_WIDE}", False, None),
-    "host memory kept": (_SCHEDULER, True, None),  # what train.py applies (aia_jax.xla_cpu)
+    "host memory kept": (_SCHEDULER, True, None),  # what train.py applied until 2026-12-05
     "host memory kept, 512-bit vectors": (f"{_SCHEDULER} {_WIDE}", True, None),
     # What retain_host_memory set before 2026-12-04: the largest int, so glibc trimmed a free
     # top of more than 2 GiB.
     "host memory kept, trimmed above 2 GiB": (_SCHEDULER, True, 2**31 - 1),
-    # jaxlib 0.10's own switches, each on top of what train.py applies; the first one instead of
-    # train.py's scheduler (it is XLA's default).
+    # jaxlib 0.10's own switches, each on top of "host memory kept"; the first one replaces its
+    # scheduler by XLA's default. "host memory kept, fast-compile preset" is what train.py applies
+    # since 2026-12-05 (all of aia_jax.xla_cpu.CPU_FLAGS).
     "host memory kept, concurrency-optimized scheduler": (
         "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
         True,
