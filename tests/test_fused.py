@@ -43,6 +43,27 @@ def test_pool_value_and_gradient(axes):
     _close(jax.grad(lambda x: loss(fused.pool, x))(x), jax.grad(lambda x: loss(_ref_pool, x))(x))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+def test_pool_over_long_axes_reduces_in_chunks(dtype):
+    # 16 frames and 12 rows reduce in two stages (chunks of 8 and 6), 11 columns in one: the
+    # value (inference, jitted as a network runs it) and the gradient, ties included.
+    x = jnp.asarray(np.random.default_rng(7).integers(-4, 0, size=(2, 16, 12, 11, 3)), dtype)
+    axes = (1, 2, 3, 4)
+    want = _ref_pool(x, axes)
+    for got in (fused.pool(x, axes), jax.jit(fused.pool, static_argnums=1)(x, axes)):
+        _close(got, want)
+        for (mx, _), (ref_mx, _) in zip(got, want, strict=True):
+            assert mx.dtype == jnp.float32 and np.array_equal(mx, ref_mx.astype(jnp.float32))
+
+    def loss(f, x):
+        return sum(jnp.sum(m * (i + 1)) + jnp.sum(a * a) for i, (m, a) in enumerate(f(x, axes)))
+
+    # The reference's bf16 gradient rounds in bf16; this one's stays float32 until the end.
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == jnp.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    got, want = (jax.grad(lambda x, f=f: loss(f, x))(x) for f in (fused.pool, _ref_pool))
+    _close(got, want, **tol)
+
+
 def test_pool_ties_share_the_gradient_like_jnp_max():
     # Integer-valued map: many ties along every axis.
     x = jnp.asarray(np.random.default_rng(2).integers(0, 3, size=SHAPE), jnp.float32)

@@ -14,7 +14,8 @@ elementwise passes and reductions instead of what autodiff would trace (at batch
 kernel costs microseconds to launch whatever its size, so fewer kernels is faster):
 
 - `pool(x, axes)`: max and mean of `x` over each of `axes` (one call for all axes a unit
-  pools over, so XLA can read the map once); gradient `mask·dmax/ties + dmean/n`, the same
+  pools over), a map axis's pair from one variadic reduction, which reads the map once and
+  takes its producer fused in; gradient `mask·dmax/ties + dmean/n`, the same
   subgradient as `jnp.max` (ties share the gradient equally), with the ties counted in the
   forward pass's reduction.
 - `gate_conv(p_max, p_mean, kernel)`: the gate's convolution as 27 shifted multiply-adds of
@@ -33,21 +34,21 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 # The map is [b, t, h, w, c]; XLA:CPU reduces axis 1 slowly (see module docstring), so that
-# axis is reduced by variadic reductions that XLA emits itself (`_reduce`, `_max_sum`).
+# axis is summed by a variadic reduction that XLA emits itself (`_sum`).
 _SLICED_AXIS = 1
 
 _TAPS = list(itertools.product(range(3), repeat=3))
 
 
-def _reduce(x: jax.Array, axis: int, kind: str) -> jax.Array:
-    """`max` (in x's dtype) or float32 `sum` of `x` over `axis`.
+def _sum(x: jax.Array, axis: int) -> jax.Array:
+    """float32 sum of `x` over `axis`.
 
     Over axis 1, XLA:CPU hands a plain reduction to a YNNPACK fusion ~20× slower than adding
     the t slices, but a chain of slice additions it fuses into every user, which then redoes
@@ -56,44 +57,63 @@ def _reduce(x: jax.Array, axis: int, kind: str) -> jax.Array:
     one variadic reduction over the axis's two halves: a loop XLA emits itself, and being a
     reduction, computed once into memory.
     """
-    if kind == "sum":
-        x = x.astype(jnp.float32)
-    op = jnp.maximum if kind == "max" else jnp.add
+    x = x.astype(jnp.float32)
     if axis != _SLICED_AXIS or x.shape[axis] < 2:
-        if kind == "max":
-            return jnp.max(x, axis=axis)
         return jnp.sum(x, axis=axis)
     half = x.shape[axis] // 2
     lo = jax.lax.slice_in_dim(x, 0, half, axis=axis)
     hi = jax.lax.slice_in_dim(x, half, 2 * half, axis=axis)
-    init = jnp.array(-jnp.inf if kind == "max" else 0, x.dtype)
-    a, b = jax.lax.reduce(
-        (lo, hi), (init, init), lambda p, q: (op(p[0], q[0]), op(p[1], q[1])), (axis,)
-    )
-    out = op(a, b)
+    zero = jnp.float32(0)
+    a, b = jax.lax.reduce((lo, hi), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]), (axis,))
+    out = a + b
     if x.shape[axis] % 2:
-        out = op(out, jax.lax.index_in_dim(x, 2 * half, axis, keepdims=False))
+        out = out + jax.lax.index_in_dim(x, 2 * half, axis, keepdims=False)
     return out
 
 
-def _max_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """Max (in x's dtype) and float32 sum of `x` over `axis`.
+def _chunked_reduce(
+    operands: tuple[jax.Array, ...],
+    init: tuple[jax.Array, ...],
+    combine: Callable[[tuple, tuple], tuple],
+    axis: int,
+) -> tuple[jax.Array, ...]:
+    """A variadic `lax.reduce` of `operands` over `axis`, in two stages when the axis is long.
 
-    Over axis 1 both come from one variadic reduction: a single pass that XLA:CPU emits itself
-    (the YNNPACK reduction it picks for a plain axis-1 `reduce` is the slow one), and, being a
-    reduction, is never duplicated into consumers. Other axes reduce fastest separately.
+    XLA:CPU emits a variadic reduction as its own loop, fast over a short axis only (8 frames:
+    0.2 ms for a `layer1` map, against ~1.5 ms over 56 rows), so a long axis is reduced over
+    chunks of at most 8 first and then over the chunks. `combine` must be associative.
     """
-    if axis != _SLICED_AXIS:
-        return _reduce(x, axis, "max"), _reduce(x, axis, "sum")
+    n = operands[0].shape[axis]
+    chunk = max(d for d in range(1, min(n, 8) + 1) if n % d == 0)
+    if chunk in (1, n):
+        return tuple(jax.lax.reduce(operands, init, combine, (axis,)))
+    shape = operands[0].shape
+    split = shape[:axis] + (n // chunk, chunk) + shape[axis + 1 :]
+    partial = jax.lax.reduce(tuple(o.reshape(split) for o in operands), init, combine, (axis + 1,))
+    return tuple(jax.lax.reduce(partial, init, combine, (axis,)))
+
+
+def _max_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Max (in x's dtype) and float32 sum of `x` over `axis`: the pool when not differentiated.
+
+    Over the map axes both come from one variadic reduction (`_chunked_reduce`): one read of
+    the map, and a loop XLA:CPU writes itself, into which it fuses the map's producer (CinST's
+    `x · C-gate`), where the YNNPACK reductions it picks for a plain `max` or `sum` need that
+    product written to memory first: CinST's inference over ResNet-50's 16 blocks took 11-15 %
+    less time, STinC's 3-4 % (bench/RESULTS.md §3, 2026-12-05). The channel axis, contiguous
+    in memory, reduces fastest as two plain reductions.
+    """
+    if axis == x.ndim - 1:
+        return jnp.max(x, axis=axis), _sum(x, axis)
     # A variadic reduction needs one precision: at least float32 (exact for a bf16 map's max),
     # and the map's own when wider, so that the max still equals one of its elements.
     acc = jnp.promote_types(x.dtype, jnp.float32)
     xa = x.astype(acc)
-    mx, total = jax.lax.reduce(
+    mx, total = _chunked_reduce(
         (xa, xa),
         (jnp.array(-jnp.inf, acc), jnp.array(0, acc)),
         lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1]),
-        (axis,),
+        axis,
     )
     return mx.astype(x.dtype), total.astype(jnp.float32)
 
@@ -119,11 +139,9 @@ def _as_stored(x: jax.Array) -> jax.Array:
 def _max_count_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Max of `x` over `axis` (in x's dtype), how many elements equal it, and the sum (float32).
 
-    One variadic reduction, i.e. one read of the map, gives what the pool's gradient needs (the
-    tie count included, which would otherwise take a second pass after the max). XLA:CPU emits
-    it fast over a short axis only (8 frames: 0.2 ms for a `layer1` map, against ~1.5 ms over 56
-    rows), so a long axis is reduced in two stages, over chunks of at most 8 and then over the
-    chunks; counts combine as `Σ count where the partial max is the max`.
+    One variadic reduction (`_chunked_reduce`), i.e. one read of the map, gives what the pool's
+    gradient needs (the tie count included, which would otherwise take a second pass after the
+    max); counts combine as `Σ count where the partial max is the max`.
     """
     xa = _as_stored(x)
     acc = xa.dtype
@@ -134,16 +152,7 @@ def _max_count_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.A
         return mx, count, a[2] + b[2]
 
     init = (jnp.array(-jnp.inf, acc), jnp.array(0, acc), jnp.array(0, acc))
-    n = x.shape[axis]
-    chunk = max(d for d in range(1, min(n, 8) + 1) if n % d == 0)
-    operands = (xa, jnp.ones_like(xa), xa)
-    if chunk in (1, n):
-        mx, count, total = jax.lax.reduce(operands, init, combine, (axis,))
-    else:
-        split = x.shape[:axis] + (n // chunk, chunk) + x.shape[axis + 1 :]
-        operands = tuple(o.reshape(split) for o in operands)
-        partial = jax.lax.reduce(operands, init, combine, (axis + 1,))
-        mx, count, total = jax.lax.reduce(partial, init, combine, (axis,))
+    mx, count, total = _chunked_reduce((xa, jnp.ones_like(xa), xa), init, combine, axis)
     return mx.astype(x.dtype), count.astype(jnp.float32), total.astype(jnp.float32)
 
 
@@ -167,10 +176,10 @@ def _reduce_product(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
     """float32 `Σ_axis a·b`.
 
     Written as a contraction: XLA:CPU rewrites `reduce(multiply)` into a badly shaped dot that
-    runs ~50× slower than this einsum (0.1 s for one `layer1` map). Axis 1 goes by `_reduce`.
+    runs ~50× slower than this einsum (0.1 s for one `layer1` map). Axis 1 goes by `_sum`.
     """
     if axis == _SLICED_AXIS:
-        return _reduce(a.astype(jnp.float32) * b.astype(jnp.float32), axis, "sum")
+        return _sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis)
     letters = "abcdefgh"[: a.ndim]
     out = letters[:axis] + letters[axis + 1 :]
     spec = f"{letters},{letters}->{out}"
@@ -335,7 +344,13 @@ def gate_conv(p_max: jax.Array, p_mean: jax.Array, kernel: jax.Array) -> jax.Arr
     Returns:
       `[b, D1, D2, D3]`, equal to `lax.conv_general_dilated` with padding 1.
     """
-    return _gate_conv_fwd(p_max, p_mean, kernel)[0]
+    # Not differentiated (inference), the output's users are the gate's batch norm with running
+    # statistics and its sigmoid: elementwise, they fuse into the taps' loop, and XLA writes the
+    # sigmoid once (it does not fuse an expensive op into the product that broadcasts it). The
+    # tricks `_gate_conv_fwd` needs for the gradient would only add kernels here: 20 of the 45
+    # in a CinST unit's inference, and 5-10 % of its time (bench/RESULTS.md §3, 2026-12-05).
+    padded = tuple(jnp.pad(v, ((0, 0), (1, 1), (1, 1), (1, 1))) for v in (p_max, p_mean))
+    return _taps(padded, kernel.reshape(27, 2).astype(jnp.float32))
 
 
 def _gate_conv_fwd(p_max, p_mean, kernel):
