@@ -328,7 +328,7 @@ def test_i3d_block_fused_equals_xla_in_training():
         _close(g, w, 1e-4, max(1e-5, 1e-6 * scale), err_msg="gradient")
 
 
-def test_sharded_unit_gradient_needs_no_all_gathers():
+def test_sharded_unit_needs_no_all_gathers():
     # Over a batch sharded across devices, every batch sum of the fused path (kernel gradients,
     # batch-norm statistics and their gradients) must be one all-reduce: a variadic reduction
     # over the sharded axis was partitioned into one all-gather per output (232 per unit).
@@ -353,3 +353,9 @@ def test_sharded_unit_gradient_needs_no_all_gathers():
     # Sums in another order: judged against each leaf's scale (gate gradients reach ~2000).
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(np.abs(w).max()))
+
+    # Inference pools over every axis but the batch: no collective at all.
+    infer = jax.jit(functools.partial(unit.apply, train=False), in_shardings=shardings)
+    hlo = infer.lower(variables, x).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" not in hlo
+    _close(infer(variables, x), unit.apply(variables, x, train=False))
