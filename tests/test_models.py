@@ -36,6 +36,36 @@ def test_temporal_shift_keeps_clips_apart():
     assert (y[:, 0, ..., 1] == 0).all() and (y[:, 1:, ..., 1] == 1).all()
 
 
+def _release_shift(x: np.ndarray, fold_div: int = 8) -> np.ndarray:
+    """The release's shift as it writes it: zeros, then three slice assignments."""
+    fold = x.shape[-1] // fold_div
+    out = np.zeros_like(x)
+    out[:, :-1, ..., :fold] = x[:, 1:, ..., :fold]
+    out[:, 1:, ..., fold : 2 * fold] = x[:, :-1, ..., fold : 2 * fold]
+    out[..., 2 * fold :] = x[..., 2 * fold :]
+    return out
+
+
+# 64 and 20 channels split into whole folds (shifted as [groups, fold]); 100 (fold 12) does
+# not (shifted along the channel axis); 7 has no fold at all (the map passes unchanged).
+@pytest.mark.parametrize("channels", [64, 20, 100, 7])
+def test_temporal_shift_any_channel_count(channels):
+    rng = np.random.default_rng(channels)
+    x = rng.normal(size=(2, 5, 3, 2, channels)).astype(np.float32)
+    cotangent = rng.normal(size=x.shape).astype(np.float32)
+    y, vjp = jax.vjp(jax.jit(models.temporal_shift), jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), _release_shift(x))
+    # The shift moves values without arithmetic, so its gradient is the opposite move: channels
+    # that came from frame t+1 send their gradient back to t+1.
+    (dx,) = vjp(jnp.asarray(cotangent))
+    fold = channels // 8
+    expected = np.array(cotangent)
+    expected[:, :, ..., : 2 * fold] = 0
+    expected[:, 1:, ..., :fold] = cotangent[:, :-1, ..., :fold]
+    expected[:, :-1, ..., fold : 2 * fold] = cotangent[:, 1:, ..., fold : 2 * fold]
+    np.testing.assert_array_equal(np.asarray(dx), expected)
+
+
 def test_pool_is_max_then_mean():
     x = jnp.asarray([[1.0, 5.0, 3.0]])
     np.testing.assert_allclose(models.pool_max_mean(x, 1), [[5.0, 3.0]])
