@@ -2,6 +2,7 @@
 
     python bench/backbone_ops.py                     # per-op table + whole networks, CPU
     python bench/backbone_ops.py --no-ops --forms TSM --modes train
+    python bench/backbone_ops.py --no-ops --no-networks --shift   # the temporal shift only
 
 `layers.Conv` computes a 1×1 convolution as a matrix product over channels with a flat kernel
 gradient, and `layers.max_pool` has a hand-written first-maximum gradient (the module's
@@ -11,7 +12,10 @@ one process and round-robin, and against PyTorch's own kernels (oneDNN on CPU):
 1. per op, at ResNet-50 shapes of one 8-frame clip: forward, input gradient and kernel
    gradient of each 1×1 convolution shape, and the stem max-pool's forward and gradient;
 2. whole networks (ResNet-50, 8 × 224²): inference and one training step (forward, backward,
-   SGD) built with Flax's ops and with this project's — the same parameters, the same math.
+   SGD) built with Flax's ops and with this project's — the same parameters, the same math;
+3. with `--shift`, TSM's temporal shift (`resnet.temporal_shift`, the shifted parts joined
+   along [groups, fold] channels) against the same shift joined along the channel axis, as it
+   was written before 2026-12-05: per block-input shape, and in whole TSM networks.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ POINTWISE_SHAPES = [
     (8, 7, 512, 2048, 1),
 ]
 
+# (height, channels) of the maps TSM ResNet-50's blocks shift: each stage's block input.
+SHIFT_SHAPES = [(56, 64), (56, 256), (28, 512), (14, 1024), (7, 2048)]
+
 
 @contextlib.contextmanager
 def flax_backbone_ops():
@@ -53,6 +60,26 @@ def flax_backbone_ops():
         yield
     finally:
         resnet.Conv, resnet.max_pool = saved
+
+
+def channel_axis_shift(x: jax.Array, fold_div: int = 8) -> jax.Array:
+    """The temporal shift with its three parts joined along the channel axis (before 2026-12-05)."""
+    fold = x.shape[-1] // fold_div
+    no_time = [(0, 0)] * (x.ndim - 2)
+    from_next = jnp.pad(x[:, 1:, ..., :fold], [(0, 0), (0, 1), *no_time])
+    from_prev = jnp.pad(x[:, :-1, ..., fold : 2 * fold], [(0, 0), (1, 0), *no_time])
+    return jnp.concatenate([from_next, from_prev, x[..., 2 * fold :]], axis=-1)
+
+
+@contextlib.contextmanager
+def channel_axis_shifts():
+    """Builds TSM networks whose blocks shift with `channel_axis_shift`."""
+    saved = resnet.temporal_shift
+    resnet.temporal_shift = channel_axis_shift
+    try:
+        yield
+    finally:
+        resnet.temporal_shift = saved
 
 
 def _op_runners(module, x):
@@ -144,6 +171,74 @@ def op_tables(args) -> None:
         print(f"| {part} | {a:.2f} | {b:.2f} | {a / b:.1f}× |", flush=True)
 
 
+def _torch_shift_runners(frames: int, h: int, c: int):
+    import torch
+
+    from tests import torch_reference
+
+    x = torch.randn(frames, c, h, h)
+    dy = torch.randn_like(x)
+
+    def fwd():
+        with torch.no_grad():
+            return torch_reference.temporal_shift(x, frames)
+
+    def grad():  # autograd: the forward pass and the backward pass
+        xg = x.detach().requires_grad_()
+        return torch.autograd.grad(torch_reference.temporal_shift(xg, frames), xg, dy)
+
+    return {"fwd": fwd, "grad": grad}
+
+
+def shift_tables(args) -> None:
+    print("\n### Temporal shift of a block's input, 1 clip of 8 frames (ms, median)\n")
+    head = "| T×H×W×C | part | channel axis (before) | `temporal_shift` | ratio |"
+    if not args.no_torch:
+        head += " PyTorch (release) | `temporal_shift` / PyTorch |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for h, c in SHIFT_SHAPES:
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, h, h, c)), jnp.float32)
+        dy = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
+        fns = {}
+        for impl, shift in (("before", channel_axis_shift), ("ours", resnet.temporal_shift)):
+            fwd = jax.jit(shift).lower(x).compile()
+            grad = jax.jit(lambda x, dy, f=shift: jax.vjp(f, x)[1](dy)[0]).lower(x, dy).compile()
+            fns[f"{impl}/fwd"] = lambda fwd=fwd, x=x: fwd(x).block_until_ready()
+            fns[f"{impl}/grad"] = lambda grad=grad, x=x, dy=dy: grad(x, dy).block_until_ready()
+        if not args.no_torch:
+            fns.update({f"torch/{k}": f for k, f in _torch_shift_runners(8, h, c).items()})
+        times = common.interleaved(fns, args.warmup, args.reps)
+        for part in ("fwd", "grad"):
+            ms = {k.split("/")[0]: common.median_ms(t) for k, t in times.items() if part in k}
+            line = f"| 8×{h}×{h}×{c} | {part} | {ms['before']:.2f} | {ms['ours']:.2f} |"
+            line += f" {ms['before'] / ms['ours']:.1f}× |"
+            if not args.no_torch:
+                line += f" {ms['torch']:.2f} | {ms['ours'] / ms['torch']:.2f} |"
+            print(line, flush=True)
+
+    clip = f"{args.batch} clip(s) of {args.frames} × {args.size}²"
+    print(f"\n### The shift in whole TSM networks, ResNet-50, {clip}, float32 (ms)\n")
+    print("| net | mode | channel axis (before), median (min) | `temporal_shift` | paired change |")
+    print("|---|---|---|---|---|")
+    clips = common.jax_clips(args.batch, args.frames, args.size)
+    labels = jnp.arange(args.batch, dtype=jnp.int32) % common.NUM_CLASSES
+    for placement in args.placements:
+        name = common.model_name("TSM", placement)
+        for mode in args.modes:
+            fns = {}
+            for impl in ("before", "ours"):
+                ctx = channel_axis_shifts() if impl == "before" else contextlib.nullcontext()
+                with ctx:
+                    model = common.jax_model(name, "float32", args.frames)
+                    variables = common.jax_variables(model, clips)
+                    fns[impl], _, _ = common.compiled_runner(model, variables, clips, labels, mode)
+            times = common.interleaved(fns, args.warmup, args.reps)
+            cells = [f"{common.median_ms(t):.0f} ({common.min_ms(t):.0f})" for t in times.values()]
+            change = common.fmt_overhead(*common.paired_overhead(times["ours"], times["before"]))
+            print(f"| {name} | {mode} | {cells[0]} | {cells[1]} | {change} |", flush=True)
+
+
 def network_tables(args) -> None:
     clip = f"{args.batch} clip(s) of {args.frames} × {args.size}²"
     print(f"\n### Whole networks, ResNet-50, {clip}, float32 (ms, median (min))\n")
@@ -188,6 +283,7 @@ def main() -> None:
     parser.add_argument("--no-ops", action="store_true", help="skip the per-op tables")
     parser.add_argument("--no-networks", action="store_true", help="skip the network table")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
+    parser.add_argument("--shift", action="store_true", help="add the temporal shift's tables")
     args = parser.parse_args()
 
     common.print_environment(common.environment())
@@ -195,6 +291,8 @@ def main() -> None:
         op_tables(args)
     if not args.no_networks:
         network_tables(args)
+    if args.shift:
+        shift_tables(args)
     print(f"\nloadavg at end: {tuple(round(v, 2) for v in os.getloadavg())}")
 
 
