@@ -98,6 +98,30 @@ def _op_runners(module, x):
     }
 
 
+def _map_runners(fn, x: jax.Array, dy: jax.Array) -> dict:
+    """Compiled forward and input gradient (cotangent `dy`) of a function of one map."""
+    fwd = jax.jit(fn).lower(x).compile()
+    grad = jax.jit(lambda x, dy: jax.vjp(fn, x)[1](dy)[0]).lower(x, dy).compile()
+    return {
+        "fwd": lambda: fwd(x).block_until_ready(),
+        "grad": lambda: grad(x, dy).block_until_ready(),
+    }
+
+
+def _network_runners(name, mode, builds, clips, labels, frames) -> tuple[dict, dict]:
+    """Compiles network `name` once per entry of `builds` (name → context manager to build in).
+
+    Returns the compiled runners and their compile seconds, both keyed as `builds` is.
+    """
+    fns, secs = {}, {}
+    for impl, build in builds.items():
+        with build():
+            model = common.jax_model(name, "float32", frames)
+            variables = common.jax_variables(model, clips)
+            fns[impl], _, secs[impl] = common.compiled_runner(model, variables, clips, labels, mode)
+    return fns, secs
+
+
 def _torch_conv_runners(n, h, cin, cout, stride):
     import torch
 
@@ -157,13 +181,10 @@ def op_tables(args) -> None:
         "flax": lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=pads),
         "ours": lambda x: layers.max_pool(x, (3, 3), (2, 2), pads),
     }
+    dy = jnp.ones(jax.eval_shape(pools["ours"], x).shape, jnp.float32)
     fns = {}
     for impl, pool in pools.items():
-        fwd = jax.jit(pool).lower(x).compile()
-        dy = jnp.ones_like(fwd(x))
-        grad = jax.jit(lambda x, dy, pool=pool: jax.vjp(pool, x)[1](dy)[0]).lower(x, dy).compile()
-        fns[f"{impl}/fwd"] = lambda fwd=fwd: fwd(x).block_until_ready()
-        fns[f"{impl}/grad"] = lambda grad=grad, dy=dy: grad(x, dy).block_until_ready()
+        fns.update({f"{impl}/{part}": fn for part, fn in _map_runners(pool, x, dy).items()})
     times = common.interleaved(fns, args.warmup, args.reps)
     print("| part | Flax `nn.max_pool` | `layers.max_pool` | ratio |\n|---|---|---|---|")
     for part in ("fwd", "grad"):
@@ -202,10 +223,7 @@ def shift_tables(args) -> None:
         dy = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
         fns = {}
         for impl, shift in (("before", channel_axis_shift), ("ours", resnet.temporal_shift)):
-            fwd = jax.jit(shift).lower(x).compile()
-            grad = jax.jit(lambda x, dy, f=shift: jax.vjp(f, x)[1](dy)[0]).lower(x, dy).compile()
-            fns[f"{impl}/fwd"] = lambda fwd=fwd, x=x: fwd(x).block_until_ready()
-            fns[f"{impl}/grad"] = lambda grad=grad, x=x, dy=dy: grad(x, dy).block_until_ready()
+            fns.update({f"{impl}/{part}": fn for part, fn in _map_runners(shift, x, dy).items()})
         if not args.no_torch:
             fns.update({f"torch/{k}": f for k, f in _torch_shift_runners(8, h, c).items()})
         times = common.interleaved(fns, args.warmup, args.reps)
@@ -226,13 +244,8 @@ def shift_tables(args) -> None:
     for placement in args.placements:
         name = common.model_name("TSM", placement)
         for mode in args.modes:
-            fns = {}
-            for impl in ("before", "ours"):
-                ctx = channel_axis_shifts() if impl == "before" else contextlib.nullcontext()
-                with ctx:
-                    model = common.jax_model(name, "float32", args.frames)
-                    variables = common.jax_variables(model, clips)
-                    fns[impl], _, _ = common.compiled_runner(model, variables, clips, labels, mode)
+            builds = {"before": channel_axis_shifts, "ours": contextlib.nullcontext}
+            fns, _ = _network_runners(name, mode, builds, clips, labels, args.frames)
             times = common.interleaved(fns, args.warmup, args.reps)
             cells = [f"{common.median_ms(t):.0f} ({common.min_ms(t):.0f})" for t in times.values()]
             change = common.fmt_overhead(*common.paired_overhead(times["ours"], times["before"]))
@@ -250,15 +263,8 @@ def network_tables(args) -> None:
         for placement in args.placements:
             name = common.model_name(form, placement)
             for mode in args.modes:
-                fns, secs = {}, {}
-                for impl in ("flax", "ours"):
-                    ctx = flax_backbone_ops() if impl == "flax" else contextlib.nullcontext()
-                    with ctx:
-                        model = common.jax_model(name, "float32", args.frames)
-                        variables = common.jax_variables(model, clips)
-                        fns[impl], _, secs[impl] = common.compiled_runner(
-                            model, variables, clips, labels, mode
-                        )
+                builds = {"flax": flax_backbone_ops, "ours": contextlib.nullcontext}
+                fns, secs = _network_runners(name, mode, builds, clips, labels, args.frames)
                 times = common.interleaved(fns, args.warmup, args.reps)
                 med = {k: common.median_ms(t) for k, t in times.items()}
                 low = {k: common.min_ms(t) for k, t in times.items()}
