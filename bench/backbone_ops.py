@@ -13,9 +13,10 @@ one process and round-robin, and against PyTorch's own kernels (oneDNN on CPU):
    gradient of each 1×1 convolution shape, and the stem max-pool's forward and gradient;
 2. whole networks (ResNet-50, 8 × 224²): inference and one training step (forward, backward,
    SGD) built with Flax's ops and with this project's — the same parameters, the same math;
-3. with `--shift`, TSM's temporal shift (`resnet.temporal_shift`, the shifted parts joined
-   along [groups, fold] channels) against the same shift joined along the channel axis, as it
-   was written before 2026-12-05: per block-input shape, and in whole TSM networks.
+3. with `--shift`, TSM's temporal shift (`resnet.temporal_shift`: the channels cut by one
+   `lax.split` and joined along [groups, fold] channels) against its two earlier forms, the
+   parts joined along the channel axis (to 2026-12-04) and cut by three slices (2026-12-05):
+   per block-input shape, and in whole TSM networks. The forms are checked equal first.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def flax_backbone_ops():
 
 
 def channel_axis_shift(x: jax.Array, fold_div: int = 8) -> jax.Array:
-    """The temporal shift with its three parts joined along the channel axis (before 2026-12-05)."""
+    """The temporal shift with its three parts joined along the channel axis (to 2026-12-04)."""
     fold = x.shape[-1] // fold_div
     no_time = [(0, 0)] * (x.ndim - 2)
     from_next = jnp.pad(x[:, 1:, ..., :fold], [(0, 0), (0, 1), *no_time])
@@ -71,11 +72,32 @@ def channel_axis_shift(x: jax.Array, fold_div: int = 8) -> jax.Array:
     return jnp.concatenate([from_next, from_prev, x[..., 2 * fold :]], axis=-1)
 
 
+def sliced_group_shift(x: jax.Array, fold_div: int = 8) -> jax.Array:
+    """The shift joined along [groups, fold] channels, its parts cut by three slices (2026-12-05).
+
+    `resnet.temporal_shift` cuts them with one `lax.split` since 2026-12-06.
+    """
+    fold = x.shape[-1] // fold_div
+    g = x.reshape(*x.shape[:-1], -1, fold)
+    no_space = [(0, 0)] * (g.ndim - 2)
+    from_next = jnp.pad(g[:, 1:, ..., 0:1, :], [(0, 0), (0, 1), *no_space])
+    from_prev = jnp.pad(g[:, :-1, ..., 1:2, :], [(0, 0), (1, 0), *no_space])
+    return jnp.concatenate([from_next, from_prev, g[..., 2:, :]], axis=-2).reshape(x.shape)
+
+
+# Column title → the shift; the last is the project's.
+SHIFTS = {
+    "channel axis (to 12-04)": channel_axis_shift,
+    "groups, 3 slices (12-05)": sliced_group_shift,
+    "`temporal_shift`": resnet.temporal_shift,
+}
+
+
 @contextlib.contextmanager
-def channel_axis_shifts():
-    """Builds TSM networks whose blocks shift with `channel_axis_shift`."""
+def shifting_with(shift):
+    """Builds TSM networks whose blocks shift with `shift`."""
     saved = resnet.temporal_shift
-    resnet.temporal_shift = channel_axis_shift
+    resnet.temporal_shift = shift
     try:
         yield
     finally:
@@ -212,44 +234,60 @@ def _torch_shift_runners(frames: int, h: int, c: int):
 
 
 def shift_tables(args) -> None:
-    print("\n### Temporal shift of a block's input, 1 clip of 8 frames (ms, median)\n")
-    head = "| T×H×W×C | part | channel axis (before) | `temporal_shift` | ratio |"
+    earlier, ours = list(SHIFTS)[:-1], list(SHIFTS)[-1]
+    print("\n### Temporal shift of a block's input, 1 clip of 8 frames")
+    print("(ms, median; ours is `temporal_shift`)\n")
+    head = f"| T×H×W×C | part | {' | '.join(SHIFTS)} |"
+    head += "".join(f" {title.split(' (')[0]} / ours |" for title in earlier)
     if not args.no_torch:
-        head += " PyTorch (release) | `temporal_shift` / PyTorch |"
+        head += " PyTorch (release) | ours / PyTorch |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for h, c in SHIFT_SHAPES:
         x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, h, h, c)), jnp.float32)
         dy = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
+        vjp_ours = jax.vjp(resnet.temporal_shift, x)[1]
+        for title, shift in SHIFTS.items():  # the same values and gradients, or no table
+            y, vjp = jax.vjp(shift, x)
+            np.testing.assert_array_equal(y, resnet.temporal_shift(x), err_msg=title)
+            np.testing.assert_array_equal(vjp(dy)[0], vjp_ours(dy)[0], err_msg=title)
         fns = {}
-        for impl, shift in (("before", channel_axis_shift), ("ours", resnet.temporal_shift)):
-            fns.update({f"{impl}/{part}": fn for part, fn in _map_runners(shift, x, dy).items()})
+        for title, shift in SHIFTS.items():
+            fns.update({f"{title}/{part}": fn for part, fn in _map_runners(shift, x, dy).items()})
         if not args.no_torch:
             fns.update({f"torch/{k}": f for k, f in _torch_shift_runners(8, h, c).items()})
         times = common.interleaved(fns, args.warmup, args.reps)
         for part in ("fwd", "grad"):
-            ms = {k.split("/")[0]: common.median_ms(t) for k, t in times.items() if part in k}
-            line = f"| 8×{h}×{h}×{c} | {part} | {ms['before']:.2f} | {ms['ours']:.2f} |"
-            line += f" {ms['before'] / ms['ours']:.1f}× |"
+            ms = {k.rsplit("/", 1)[0]: common.median_ms(t) for k, t in times.items() if part in k}
+            line = f"| 8×{h}×{h}×{c} | {part} |" + "".join(f" {ms[t]:.2f} |" for t in SHIFTS)
+            line += "".join(f" {ms[t] / ms[ours]:.1f}× |" for t in earlier)
             if not args.no_torch:
-                line += f" {ms['torch']:.2f} | {ms['ours'] / ms['torch']:.2f} |"
+                line += f" {ms['torch']:.2f} | {ms[ours] / ms['torch']:.2f} |"
             print(line, flush=True)
 
     clip = f"{args.batch} clip(s) of {args.frames} × {args.size}²"
-    print(f"\n### The shift in whole TSM networks, ResNet-50, {clip}, float32 (ms)\n")
-    print("| net | mode | channel axis (before), median (min) | `temporal_shift` | paired change |")
-    print("|---|---|---|---|---|")
+    print(f"\n### The shift in whole TSM networks, ResNet-50, {clip}, float32")
+    print("(ms, median (min); paired change with its 90 % interval)\n")
+    head = f"| net | mode | {' | '.join(SHIFTS)} |"
+    head += "".join(f" ours against {title.split(' (')[0]} |" for title in earlier)
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
     clips = common.jax_clips(args.batch, args.frames, args.size)
     labels = jnp.arange(args.batch, dtype=jnp.int32) % common.NUM_CLASSES
+    builds = {title: functools.partial(shifting_with, shift) for title, shift in SHIFTS.items()}
     for placement in args.placements:
         name = common.model_name("TSM", placement)
         for mode in args.modes:
-            builds = {"before": channel_axis_shifts, "ours": contextlib.nullcontext}
             fns, _ = _network_runners(name, mode, builds, clips, labels, args.frames)
             times = common.interleaved(fns, args.warmup, args.reps)
-            cells = [f"{common.median_ms(t):.0f} ({common.min_ms(t):.0f})" for t in times.values()]
-            change = common.fmt_overhead(*common.paired_overhead(times["ours"], times["before"]))
-            print(f"| {name} | {mode} | {cells[0]} | {cells[1]} | {change} |", flush=True)
+            line = f"| {name} | {mode} |"
+            line += "".join(
+                f" {common.median_ms(t):.0f} ({common.min_ms(t):.0f}) |" for t in times.values()
+            )
+            for title in earlier:
+                change = common.paired_overhead(times[ours], times[title])
+                line += f" {common.fmt_overhead(*change)} |"
+            print(line, flush=True)
 
 
 def network_tables(args) -> None:

@@ -64,6 +64,10 @@ def test_temporal_shift_any_channel_count(channels):
     expected[:, 1:, ..., :fold] = cotangent[:, :-1, ..., :fold]
     expected[:, :-1, ..., fold : 2 * fold] = cotangent[:, 1:, ..., fold : 2 * fold]
     np.testing.assert_array_equal(np.asarray(dx), expected)
+    # Forward mode too (jax.jvp, jax.hessian, jax.linearize): the shift is linear, so its
+    # tangent is the shifted tangent.
+    _, tangent = jax.jvp(models.temporal_shift, (jnp.asarray(x),), (jnp.asarray(cotangent),))
+    np.testing.assert_array_equal(np.asarray(tangent), _release_shift(cotangent))
 
 
 def test_pool_is_max_then_mean():

@@ -92,17 +92,18 @@ def _shift(x: jax.Array, fold: int, axis: int) -> jax.Array:
     """The shift of `fold` channels each way, the channels along `axis` and time along axis 1."""
     t = x.shape[1]
 
-    def channels(start: int, stop: int | None) -> jax.Array:
-        return jax.lax.slice_in_dim(x, start, stop, axis=axis)
-
     def frames(v: jax.Array, start: int, stop: int, pad: tuple[int, int]) -> jax.Array:
         widths = [(0, 0)] * v.ndim
         widths[1] = pad
         return jnp.pad(jax.lax.slice_in_dim(v, start, stop, axis=1), widths)
 
-    from_next = frames(channels(0, fold), 1, t, (0, 1))
-    from_prev = frames(channels(fold, 2 * fold), 0, t - 1, (1, 0))
-    return jnp.concatenate([from_next, from_prev, channels(2 * fold, None)], axis=axis)
+    # One split, not three slices: the gradient of a split is a concatenate, where the gradient
+    # of each slice is a zero-padded full map, and XLA adds the three (2–7× slower alone,
+    # bench/RESULTS.md §2, 2026-12-06).
+    to_next, to_prev, kept = jax.lax.split(x, (fold, fold, x.shape[axis] - 2 * fold), axis=axis)
+    from_next = frames(to_next, 1, t, (0, 1))
+    from_prev = frames(to_prev, 0, t - 1, (1, 0))
+    return jnp.concatenate([from_next, from_prev, kept], axis=axis)
 
 
 class Bottleneck(nn.Module):
