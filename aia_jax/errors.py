@@ -1,9 +1,10 @@
 """Errors of bad input or usage, and how the command-line programs report them.
 
 Every such error's message is one line naming the file, line, flag or config key and what was
-expected. The programs (`train.py`, `python -m aia_jax.evaluate`, `.predict`, `.export`) print it
-as `<program>: error: <message>` and exit with status 2 instead of a traceback; anything else
-is a bug and keeps its traceback.
+expected. The programs (`train.py`, `python -m aia_jax.evaluate`, `.predict`, `.export`,
+`.convert`) print it as `<program>: error: <message>` and exit with status 2 instead of a
+traceback; argparse's own errors too, without the usage above them. Anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 
 class UserError(ValueError):
@@ -22,6 +23,17 @@ class UserError(ValueError):
 
 class InputNotFoundError(UserError, FileNotFoundError):
     """A file or directory the user named does not exist or is not what was expected."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with its usage errors on one line, `prog: error: message`, status 2.
+
+    argparse prints the usage above the error; a wrapped usage can be many lines and push the
+    error out of a job log's last line. `--help` still prints it.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
 def positive_int(text: str) -> int:

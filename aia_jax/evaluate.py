@@ -42,6 +42,7 @@ from absl import logging
 
 from aia_jax import metrics_report, modelio, xla_cpu
 from aia_jax.errors import (
+    ArgumentParser,
     InputNotFoundError,
     UserError,
     add_config_package_to_path,
@@ -531,7 +532,7 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ml_collections
         raise UserError(unknown_override(e, argv)) from None
     except flags.Error as e:
         raise UserError(str(e)) from None
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m aia_jax.evaluate",
         allow_abbrev=False,
         description="Evaluate checkpoints under the release's test protocols. --config FILE "

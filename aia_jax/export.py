@@ -21,7 +21,6 @@ model code.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -33,7 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aia_jax.errors import UserError, one_line, positive_int, reported_as_usage_errors
+from aia_jax.errors import (
+    ArgumentParser,
+    UserError,
+    one_line,
+    positive_int,
+    reported_as_usage_errors,
+)
 
 SIDECAR_SUFFIX = ".json"
 # What `jax.export` lowers for.
@@ -256,7 +261,7 @@ def export_checkpoint(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m aia_jax.export",
         description="Export a model directory or training workdir as batch-polymorphic StableHLO.",
     )

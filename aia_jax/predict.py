@@ -30,6 +30,7 @@ import numpy as np
 
 from aia_jax import xla_cpu
 from aia_jax.errors import (
+    ArgumentParser,
     InputNotFoundError,
     UserError,
     positive_int,
@@ -265,7 +266,7 @@ def _height_width(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m aia_jax.predict",
         description="Top-k classes of one video file or frame folder.",
     )

@@ -13,13 +13,13 @@ from aia_jax import evaluate, export, predict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _one_error_line(capsys, main, argv, program, *, usage=False) -> str:
-    """The error line; `usage`: argparse's own errors, which print the usage above it."""
+def _one_error_line(capsys, main, argv, program) -> str:
+    """The one line a program prints to stderr for bad input (argparse's errors included)."""
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert usage or len(lines) == 1, lines
+    assert len(lines) == 1, lines
     assert lines[-1].startswith(f"{program}: error: "), lines
     return lines[-1]
 
@@ -71,10 +71,10 @@ def test_evaluate_missing_config_file_and_checkpoint(capsys, tmp_path):
 def test_predict_and_export_errors(capsys, tmp_path):
     program = "python -m aia_jax.predict"
     argv = ["v.mp4", "--checkpoint", "m", "--top", "0"]
-    line = _one_error_line(capsys, predict.main, argv, program, usage=True)
+    line = _one_error_line(capsys, predict.main, argv, program)
     assert line.endswith("argument --top: '0': expected a positive integer")
     argv = ["v.mp4", "--checkpoint", "m", "--resize", "32"]
-    line = _one_error_line(capsys, predict.main, argv, program, usage=True)
+    line = _one_error_line(capsys, predict.main, argv, program)
     assert line.endswith("argument --resize: '32': expected H,W (two positive integers)")
     argv = ["v.mp4", "--checkpoint", str(tmp_path)]
     assert "is not a model directory" in _one_error_line(capsys, predict.main, argv, program)
@@ -83,7 +83,7 @@ def test_predict_and_export_errors(capsys, tmp_path):
     line = _one_error_line(capsys, predict.main, argv, program)
     assert "a PyTorch checkpoint, not a model directory; convert it first" in line
     argv = ["--checkpoint", "m", "--output", "m.jaxexport", "--crop-size", "0"]
-    line = _one_error_line(capsys, export.main, argv, "python -m aia_jax.export", usage=True)
+    line = _one_error_line(capsys, export.main, argv, "python -m aia_jax.export")
     assert line.endswith("argument --crop-size: '0': expected a positive integer")
     argv = ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "m.jaxexport")]
     line = _one_error_line(capsys, export.main, argv, "python -m aia_jax.export")

@@ -266,6 +266,17 @@ def _t2f(capsys, ckpt, name, output, *extra) -> str:
     )
 
 
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["torch2flax", "--checkpoint", "release.pth.tar", "--depth", "x"])
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "python -m aia_jax.convert torch2flax: error: argument --depth: invalid int value: 'x'"
+    ]
+
+
 def test_missing_file(tmp_path, capsys):
     line = _t2f(capsys, tmp_path / "nope.pth.tar", "TSM", tmp_path / "m")
     assert "nope.pth.tar: no such file" in line

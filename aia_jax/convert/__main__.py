@@ -13,7 +13,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from aia_jax.errors import one_line, positive_int
+from aia_jax.errors import ArgumentParser, one_line, positive_int
 
 DESCRIPTION = """\
 Convert between the PyTorch release of Attention in Attention and aia-jax model directories.
@@ -54,7 +54,7 @@ class CliError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m aia_jax.convert`."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m aia_jax.convert",
         description=DESCRIPTION,
         epilog=EXAMPLES,
