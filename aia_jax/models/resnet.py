@@ -98,7 +98,7 @@ def _shift(x: jax.Array, fold: int, axis: int) -> jax.Array:
         return jnp.pad(jax.lax.slice_in_dim(v, start, stop, axis=1), widths)
 
     # One split, not three slices: the gradient of a split is a concatenate, where the gradient
-    # of each slice is a zero-padded full map, and XLA adds the three (2–7× slower alone,
+    # of each slice is a zero-padded full map, and XLA adds the three (2–4× slower alone,
     # bench/RESULTS.md §2, 2026-12-06).
     to_next, to_prev, kept = jax.lax.split(x, (fold, fold, x.shape[axis] - 2 * fold), axis=axis)
     from_next = frames(to_next, 1, t, (0, 1))
