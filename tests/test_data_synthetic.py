@@ -3,13 +3,14 @@ can only be told apart by the order of the frames."""
 
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
 import pytest
 
 import aia_jax.data as data
-from aia_jax.data import sampling, synthetic
+from aia_jax.data import sampling, synthetic, testing
 
 
 def test_prepare_writes_a_tfds_dataset_once(tmp_path):
@@ -33,6 +34,16 @@ def test_prepare_writes_a_tfds_dataset_once(tmp_path):
     mtime = os.path.getmtime(os.path.join(info, "dataset_info.json"))
     assert synthetic.prepare(str(tmp_path), num_train=24, num_val=12, seed=3) == name
     assert os.path.getmtime(os.path.join(info, "dataset_info.json")) == mtime
+
+
+def test_prepare_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    # TFDS's own DatasetInfo makes an empty temporary directory per unprepared builder.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    synthetic.prepare(str(tmp_path / "data"), num_train=2, num_val=1, seed=5)
+    testing.write_tfds(str(tmp_path / "data"), "tiny_videos", {"train": 2}, num_frames=2)
+    assert os.listdir(scratch) == []
 
 
 def test_examples_are_deterministic_per_seed():

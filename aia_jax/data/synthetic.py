@@ -269,6 +269,26 @@ def dataset_name(num_train: int = DEFAULT_NUM_TRAIN, num_val: int = DEFAULT_NUM_
 
 
 _builder_class = None
+_local_info_class = None
+
+
+def local_dataset_info(**kwargs):
+    """`tfds.core.DatasetInfo(**kwargs)` for a dataset written here, never in TFDS's GCS bucket.
+
+    A builder whose dataset is not prepared yet asks its info to load precomputed metadata from
+    the bucket; TFDS makes a temporary directory before it finds GCS switched off, and never
+    removes it (one empty `/tmp/tmp*tfds` per builder). There is nothing to load, so skip it.
+    """
+    global _local_info_class
+    if _local_info_class is None:
+        import tensorflow_datasets as tfds  # noqa: PLC0415
+
+        class LocalDatasetInfo(tfds.core.DatasetInfo):
+            def initialize_from_bucket(self) -> None:
+                pass
+
+        _local_info_class = LocalDatasetInfo
+    return _local_info_class(**kwargs)
 
 
 def builder_class():
@@ -294,7 +314,7 @@ def builder_class():
         BUILDER_CONFIGS = [SizeConfig(name=config_name(DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, 0))]
 
         def _info(self):
-            return tfds.core.DatasetInfo(
+            return local_dataset_info(
                 builder=self,
                 description=__doc__.split("\n\n")[0],
                 features=tfds.features.FeaturesDict(

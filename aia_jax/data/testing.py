@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from aia_jax.data import synthetic
+
 
 def frame_pixels(video: int, frame: int, size: tuple[int, int]) -> np.ndarray:
     colour = np.array([(8 * frame) % 256, (20 * video) % 256, 128], np.uint8)
@@ -146,7 +148,7 @@ def write_tfds(
             code_path = None
 
             def _info(self):
-                return tfds.core.DatasetInfo(
+                return synthetic.local_dataset_info(
                     builder=self,
                     features=tfds.features.FeaturesDict(
                         {
