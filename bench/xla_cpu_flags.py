@@ -77,6 +77,13 @@ FLAG_SETS = {
         True,
         None,
     ),
+    # YNNPACK for dot products only: convolutions go back to XLA's own (Eigen) kernels.
+    "host memory kept, fast-compile preset, YNN dots only": (
+        f"{_SCHEDULER} --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE "
+        "--xla_cpu_experimental_ynn_fusion_type=dot",
+        True,
+        None,
+    ),
     "host memory kept, XNN graph fusion": (
         f"{_SCHEDULER} --xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
         True,
