@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -257,6 +257,26 @@ def _pad1(v: jax.Array) -> jax.Array:
     return jnp.pad(v, ((0, 0), (1, 1), (1, 1), (1, 1))) / one
 
 
+def _interleaved_sum(terms: Iterable[jax.Array], chains: int = 4) -> jax.Array:
+    """`Σ terms`, added into `chains` running sums taken in turn, which are then added up.
+
+    XLA keeps the order of floating-point additions, so the 54 taps of a gate convolution
+    summed left to right are one chain of dependent vector adds per element, and the add's
+    latency bounds the loop. Four independent chains let the core overlap them: the T gate's
+    taps over a `layer1` map (56 × 56 × 64) take 25 % less time (bench/RESULTS.md §3,
+    2026-12-06); eight were no faster.
+    """
+    sums: list[jax.Array] = []
+    for n, term in enumerate(terms):
+        if n < chains:
+            sums.append(term)
+        else:
+            sums[n % chains] = sums[n % chains] + term
+    while len(sums) > 1:
+        sums = [a + b for a, b in zip(sums[::2], sums[1::2])] + sums[len(sums) // 2 * 2 :]
+    return sums[0]
+
+
 def _taps(padded: Sequence[jax.Array], weights: jax.Array) -> jax.Array:
     """`Σ_tap Σ_i weights[tap, i] · padded[i][· + tap]` — a 'same' 3×3×3 cross-correlation.
 
@@ -265,12 +285,11 @@ def _taps(padded: Sequence[jax.Array], weights: jax.Array) -> jax.Array:
       weights: `[27, len(padded)]`, taps in (D1, D2, D3) row-major order.
     """
     _, p1, p2, p3 = padded[0].shape
-    out = None
-    for t, (i, j, k) in enumerate(_TAPS):
-        for c, v in enumerate(padded):
-            term = v[:, i : i + p1 - 2, j : j + p2 - 2, k : k + p3 - 2] * weights[t, c]
-            out = term if out is None else out + term
-    return out
+    return _interleaved_sum(
+        v[:, i : i + p1 - 2, j : j + p2 - 2, k : k + p3 - 2] * weights[t, c]
+        for t, (i, j, k) in enumerate(_TAPS)
+        for c, v in enumerate(padded)
+    )
 
 
 def _materialize(x: jax.Array, anchor: jax.Array) -> jax.Array:
@@ -324,12 +343,10 @@ def _transposed_taps(wide: jax.Array, weights: jax.Array) -> jax.Array:
     reads.
     """
     d1, d2, d3 = (n - 4 for n in wide.shape[1:])
-    out = None
-    for t, (i, j, k) in enumerate(_TAPS):
-        term = wide[:, 1 + i : 1 + i + d1, 1 + j : 1 + j + d2, 1 + k : 1 + k + d3]
-        term = term * weights[26 - t]
-        out = term if out is None else out + term
-    return out
+    return _interleaved_sum(
+        wide[:, 1 + i : 1 + i + d1, 1 + j : 1 + j + d2, 1 + k : 1 + k + d3] * weights[26 - t]
+        for t, (i, j, k) in enumerate(_TAPS)
+    )
 
 
 @jax.custom_vjp
