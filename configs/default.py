@@ -9,13 +9,13 @@ The order-blind baseline for comparison (TSN: per-frame ResNet + average consens
     python train.py --config configs/default.py --workdir runs/default_c2d --config.model.name=C2D
 
 Expected result: see the README's "Quick start results" (measured on a 2-core CPU). Measured
-again from a fresh clone on 2026-12-05, after the XLA:CPU fast-compile preset was added, with the
-README's quick-start command (install included, dataset already generated; 2-core CPU, jax
-0.10.2): 130 s wall time, peak resident set 1.5 GiB, ~230 clips/s; val top-1 94.4 %, top-5 99.6 %
-over the 480 validation videos (1 clip × 1 centre crop); per-2-epoch val top-1 19.2 / 76.9 /
-90.6 / 94.4 % (95.2 % before the preset, which rounds float32 differently). Chance is 8.3 % (12
-classes). The final figure moves by several points with the seed or with float32 rounding
-(85-97 % measured over seeds 0 and 1 and several code versions; README).
+again on 2026-12-06 with the README's quick-start command (2-core AMD EPYC, jax 0.10.2), after
+the gate convolution began adding its taps in four running sums: 127 s wall time, ~230 clips/s;
+val top-1 97.3 %, top-5 99.6 % over the 480 validation videos (1 clip × 1 centre crop);
+per-2-epoch val top-1 23.8 / 86.3 / 96.0 / 97.3 % (94.4 % with the taps summed in one chain,
+which rounds float32 differently). Chance is 8.3 % (12 classes). The final figure moves by
+several points with the seed or with float32 rounding (85-97 % measured over seeds 0 and 1 and
+several code versions; README).
 """
 
 from configs.common import release_recipe

@@ -115,6 +115,15 @@ def test_gate_conv_value_and_gradient(shape):
     _close(vjp_fused(dout), vjp_ref(dout), 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("chains", [1, 2, 3, 4, 5])
+def test_interleaved_sum_adds_every_term_once(chains):
+    # Powers of two are exact in float32, so any order gives the same sum; a term lost or
+    # added twice does not.
+    for n in range(1, 12):
+        terms = [jnp.full((2,), 2.0**k, jnp.float32) for k in range(n)]
+        np.testing.assert_array_equal(fused._interleaved_sum(terms, chains), 2.0**n - 1)
+
+
 @pytest.mark.parametrize(
     "axes,weights", [((4,), (1.0,)), ((1, 2, 3), (1 / 3,) * 3), ((1,), (1.0,))], ids=str
 )

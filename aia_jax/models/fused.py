@@ -269,7 +269,7 @@ def _interleaved_sum(terms: Iterable[jax.Array], chains: int = 4) -> jax.Array:
     summed left to right are one chain of dependent vector adds per element, and the add's
     latency bounds the loop. Four independent chains let the core overlap them: the T gate's
     taps over a `layer1` map (56 × 56 × 64) take 25 % less time (bench/RESULTS.md §3,
-    2026-12-06); eight were no faster.
+    2026-12-06); eight were slower on every stage but the last.
     """
     sums: list[jax.Array] = []
     for n, term in enumerate(terms):
