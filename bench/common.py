@@ -285,10 +285,16 @@ def jax_variables(model: models.VideoNet, clips: jax.Array) -> Any:
     return jax.jit(lambda k: model.init(k, clips[:1], train=False))(jax.random.key(0))
 
 
-def compile_timed(fn: Callable, *args: Any, **jit_kw: Any):
-    """`jax.jit(fn).lower(*args).compile()` and the seconds it took."""
+def compile_timed(
+    fn: Callable, *args: Any, compiler_options: dict[str, Any] | None = None, **jit_kw: Any
+):
+    """`jax.jit(fn).lower(*args).compile(compiler_options)` and the seconds it took.
+
+    `compiler_options` are XLA debug options (`XLA_FLAGS` names without the dashes) for this
+    program alone, so that two settings can be timed side by side in one process.
+    """
     t0 = time.perf_counter()
-    compiled = jax.jit(fn, **jit_kw).lower(*args).compile()
+    compiled = jax.jit(fn, **jit_kw).lower(*args).compile(compiler_options)
     return compiled, time.perf_counter() - t0
 
 
@@ -348,19 +354,34 @@ def train_step_fn(model: models.VideoNet, lr: float = 0.01) -> Callable:
 
 
 def compiled_runner(
-    model: models.VideoNet, variables: Any, clips: jax.Array, labels: jax.Array, mode: str
+    model: models.VideoNet,
+    variables: Any,
+    clips: jax.Array,
+    labels: jax.Array,
+    mode: str,
+    compiler_options: dict[str, Any] | None = None,
 ) -> tuple[Callable[[], Any], Any, float]:
     """Compiles inference (`mode='infer'`) or one training step ('train', state donated).
 
     Returns a callable that runs it once and blocks, the compiled executable (for `cost`), and
     the compile seconds. The training callable carries its state from call to call; `run(n)`
     dispatches n steps back to back, as a training loop does, and blocks after the last.
+    `compiler_options`: XLA options for this program only (`compile_timed`).
     """
     if mode == "infer":
-        compiled, secs = compile_timed(inference_fn(model), variables, clips)
+        compiled, secs = compile_timed(
+            inference_fn(model), variables, clips, compiler_options=compiler_options
+        )
         return (lambda: compiled(variables, clips).block_until_ready()), compiled, secs
     box = [train_state(variables)]
-    compiled, secs = compile_timed(train_step_fn(model), box[0], clips, labels, donate_argnums=(0,))
+    compiled, secs = compile_timed(
+        train_step_fn(model),
+        box[0],
+        clips,
+        labels,
+        compiler_options=compiler_options,
+        donate_argnums=(0,),
+    )
 
     def run(steps: int = 1) -> None:
         for _ in range(steps):

@@ -2,6 +2,7 @@
 
     python bench/overhead.py                                   # TSM, f32, batch 1, 5 placements
     python bench/overhead.py --impls xla --placements none,CinST,STinC --reps 3 --no-torch
+    python bench/overhead.py --compiler-options xla_cpu_prefer_vector_width=512 --no-torch
 
 Every network of the table (each placement, each JAX `--impls`, and the PyTorch reference) is
 built and compiled first, then all are timed round-robin — one repetition of each in turn,
@@ -11,6 +12,11 @@ the median of each round's ratio with a 90 % confidence interval (`common.paired
 the pair of one round shares that moment's machine load), and the ratio of the minima (the
 least disturbed repetitions). A target of "≤ 5 %" is met robustly when the interval's upper
 end is within it.
+
+`--compiler-options KEY=VALUE,…` adds, for each JAX impl, the same networks compiled with those
+XLA options (`XLA_FLAGS` names without the dashes, for those programs only) as a column of their
+own, `jax-fused [KEY=VALUE]`, timed in the same round-robin: an XLA option's A/B in one process,
+where a run per `XLA_FLAGS` setting (bench/xla_cpu_flags.py) also compares two processes.
 """
 
 from __future__ import annotations
@@ -31,15 +37,22 @@ def build(args, form: str, dtype: str, batch: int, mode: str) -> tuple[dict, dic
     fns, compile_s = {}, {}
     clips = common.jax_clips(batch, args.frames, args.size)
     labels = jnp.arange(batch, dtype=jnp.int32) % common.NUM_CLASSES
+    options = [("", None)]
+    if args.compiler_options:
+        label = ",".join(f"{k}={v}" for k, v in args.compiler_options.items())
+        options.append((f" [{label}]", args.compiler_options))
     for impl in args.impls:
         for placement in args.placements:
             name = common.model_name(form, placement)
             model = common.jax_model(name, dtype, args.frames, impl)
             variables = common.jax_variables(model, clips)
-            key = (f"jax-{impl}", placement)
-            fns[key], _, secs = common.compiled_runner(model, variables, clips, labels, mode)
-            compile_s[key] = secs
-            print(f"compiled {key} in {secs:.1f} s", flush=True)
+            for suffix, compiler_options in options:
+                key = (f"jax-{impl}{suffix}", placement)
+                fns[key], _, secs = common.compiled_runner(
+                    model, variables, clips, labels, mode, compiler_options
+                )
+                compile_s[key] = secs
+                print(f"compiled {key} in {secs:.1f} s", flush=True)
     if not args.no_torch and form in common.TORCH_FORMS:
         tclips = common.torch_clips(batch, args.frames, args.size)
         tlabels = common.torch_labels(batch)
@@ -52,11 +65,27 @@ def build(args, form: str, dtype: str, batch: int, mode: str) -> tuple[dict, dic
     return fns, compile_s
 
 
+def _compiler_options(text: str) -> dict[str, str]:
+    options = {}
+    for item in common.csv(text):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE")
+        options[key.lstrip("-")] = value
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_flags(parser)
     parser.add_argument("--modes", type=common.csv, default=["infer", "train"])
     parser.add_argument("--impls", type=common.csv, default=["fused"], help="fused,xla")
+    parser.add_argument(
+        "--compiler-options",
+        type=_compiler_options,
+        default={},
+        help="KEY=VALUE,…: also time the JAX networks compiled with these XLA options",
+    )
     parser.set_defaults(
         forms=["TSM"], placements=DEFAULT_PLACEMENTS, dtype=["float32"], batch_sizes=[1], reps=7
     )

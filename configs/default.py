@@ -8,14 +8,13 @@ The order-blind baseline for comparison (TSN: per-frame ResNet + average consens
 
     python train.py --config configs/default.py --workdir runs/default_c2d --config.model.name=C2D
 
-Expected result: see the README's "Quick start results" (measured on a 2-core CPU). Measured
-again on 2026-12-06 with the README's quick-start command (2-core AMD EPYC, jax 0.10.2), after
-the gate convolution's taps and padding changed (fused.py): 147 s wall time (install
-included, dataset already generated), ~240 clips/s; val top-1 97.1 %, top-5 100.0 % over the 480
-validation videos (1 clip × 1 centre crop); per-2-epoch val top-1 26.7 / 86.0 / 95.4 / 97.1 %
-(94.4 % before that change, which rounds float32 differently). Chance is 8.3 %
-(12 classes). The final figure moves by several points with the seed or with float32 rounding
-(85-97 % measured over seeds 0 and 1 and several code versions; README).
+Expected result (README, "Quick start results"; 2026-12-06, a 2-core AMD EPYC, jax 0.10.2,
+dataset already generated): 161 s wall time, ~230 clips/s; val top-1 97.1 %, top-5 100.0 %
+over the 480 validation videos (1 clip × 1 centre crop), per-2-epoch val top-1
+26.7 / 86.0 / 95.4 / 97.1 %, the same on every run of this code. The C2D baseline: 37.9 %,
+right within-pair class at chance. Chance is 8.3 % (12 classes). The final figure moves by
+several points with the seed or with float32 rounding (85-97 % measured over seeds 0 and 1 and
+several code versions; README).
 """
 
 from configs.common import release_recipe

@@ -31,10 +31,10 @@ Dtype = Any
 
 IMPLS = ("xla", "fused")
 # 'fused' avoids XLA:CPU's slow small-channel Conv3d, axis-1 reductions and autodiff
-# transposes: on CPU (bench/RESULTS.md §3 and §5, 2026-12-05) TSM+CinST/STinC cost about
-# +6..8 % (inference) and +4..10 % (batch-1 training step) over the plain TSM with it, against
-# +120..300 % with 'xla' (and +35..45 % for the PyTorch release); two units cost about twice
-# that. It compiles in ~3x the time of 'xla' (~40-50 s for a ResNet-50 training step on 2
+# transposes: on CPU (bench/RESULTS.md §3, runs of 2026-12-05 and 12-06) TSM+CinST/STinC cost
+# about +2..12 % (inference) and +4..12 % (batch-1 training step) over the plain TSM with it,
+# against +120..300 % with 'xla' (and +26..45 % for the PyTorch release); two units cost about
+# twice that. It compiles in ~3x the time of 'xla' (~40-50 s for a ResNet-50 training step on 2
 # cores). On GPU it has not been measured against 'xla' yet (bench/gpu_session.sh does).
 DEFAULT_IMPL = "fused"
 
