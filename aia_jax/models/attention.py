@@ -73,10 +73,12 @@ UNIT_GATES["STinC"] = UNIT_GATES["CinST"]
 def pool_max_mean(x: jax.Array, axis: int) -> jax.Array:
     """Max and mean of `x` over `axis`, stacked as a trailing 2-channel axis, max first.
 
-    The mean is accumulated in float32 so that bf16 maps with thousands of channels pool exactly.
+    Both in `fused.compute_dtype`: the mean is accumulated in float32 at least, so that bf16
+    maps with thousands of channels pool exactly, and a float64 map pools in float64.
     """
-    mx = jnp.max(x, axis=axis).astype(jnp.float32)
-    mean = jnp.mean(x, axis=axis, dtype=jnp.float32)
+    acc = fused.compute_dtype(x.dtype)
+    mx = jnp.max(x, axis=axis).astype(acc)
+    mean = jnp.mean(x, axis=axis, dtype=acc)
     return jnp.stack([mx, mean], axis=-1)
 
 
@@ -85,7 +87,8 @@ class GateConv(nn.Module):
 
     Attributes:
       gate: which gate ('C', 'T', 'H', 'W'); fixes how the stored kernel is permuted.
-      impl: 'xla' (`lax.conv_general_dilated`) or 'fused' (`fused.gate_conv`, float32 taps).
+      impl: 'xla' (`lax.conv_general_dilated`) or 'fused' (`fused.gate_conv`: taps in float32,
+        or in the pooled map's dtype when wider).
     """
 
     gate: str
@@ -101,7 +104,7 @@ class GateConv(nn.Module):
     def __call__(self, pooled: jax.Array) -> jax.Array:
         """Maps the pooled context `[b, D1, D2, D3, 2]` (max, mean) to `[b, D1, D2, D3, 1]`."""
         if self.impl == "fused":
-            pooled = pooled.astype(jnp.float32)
+            pooled = pooled.astype(fused.compute_dtype(pooled.dtype))
             return self.taps(pooled[..., 0], pooled[..., 1])[..., None].astype(self.dtype)
         if self.impl != "xla":
             raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
@@ -115,12 +118,14 @@ class GateConv(nn.Module):
         )
 
     def taps(self, p_max: jax.Array, p_mean: jax.Array) -> jax.Array:
-        """The convolution by `fused.gate_conv`: float32 `[b, D1, D2, D3]` from the two channels.
+        """The convolution by `fused.gate_conv`: `[b, D1, D2, D3]` from the two channels.
 
-        Taking the channels apart skips the stacked `[..., 2]` copy (and its gradient's).
+        It computes in `fused.compute_dtype` of the channels. Taking the channels apart skips the
+        stacked `[..., 2]` copy (and its gradient's).
         """
         kernel = jnp.transpose(self.kernel, GATE_KERNEL_PERM[self.gate])
-        return fused.gate_conv(p_max.astype(jnp.float32), p_mean.astype(jnp.float32), kernel)
+        dtype = fused.compute_dtype(jnp.promote_types(p_max.dtype, p_mean.dtype))
+        return fused.gate_conv(p_max.astype(dtype), p_mean.astype(dtype), kernel)
 
 
 class GateNorm(nn.Module):
@@ -171,7 +176,8 @@ def _apply_gate(
 ) -> jax.Array:
     """`sigmoid(BN(conv(pool(x))))`, shaped to broadcast onto `x` ([b, t, h, w, c])."""
     axis = GATE_POOL_AXIS[gate]
-    g = jax.nn.sigmoid(bn(conv(pool_max_mean(x, axis))).astype(jnp.float32))
+    logits = bn(conv(pool_max_mean(x, axis)))
+    g = jax.nn.sigmoid(logits.astype(fused.compute_dtype(logits.dtype)))
     return jnp.expand_dims(g[..., 0], axis).astype(x_dtype)
 
 
@@ -242,7 +248,7 @@ class AttentionUnit(nn.Module):
             for n, (mx, mean) in zip(names, fused.pool(inp, axes), strict=True):
                 conv, bn = gates[n]
                 logits = bn(conv.taps(mx, mean).astype(self.dtype)[..., None])[..., 0]
-                out.append(jax.nn.sigmoid(logits.astype(jnp.float32)))
+                out.append(jax.nn.sigmoid(logits.astype(fused.compute_dtype(logits.dtype))))
             return tuple(out)
 
         def apply(inp: jax.Array, names: str, values: tuple[jax.Array, ...]) -> jax.Array:

@@ -13,6 +13,9 @@ The primitives here avoid both, and their gradients are written out so that XLA 
 elementwise passes and reductions instead of what autodiff would trace (at batch 1 every
 kernel costs microseconds to launch whatever its size, so fewer kernels is faster):
 
+Gates compute in float32 (`compute_dtype`: a bf16 or float32 map's), or in the map's own
+dtype when it is wider (float64 under x64), so that a float64 network is float64 throughout.
+
 - `pool(x, axes)`: max and mean of `x` over each of `axes` (one call for all axes a unit
   pools over), a map axis's pair from one variadic reduction, which reads the map once and
   takes its producer fused in; gradient `mask·dmax/ties + dmean/n`, the same
@@ -47,8 +50,13 @@ _SLICED_AXIS = 1
 _TAPS = list(itertools.product(range(3), repeat=3))
 
 
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype a gate computes in for a map of `dtype`: float32, or `dtype` when wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _sum(x: jax.Array, axis: int) -> jax.Array:
-    """float32 sum of `x` over `axis`.
+    """Sum of `x` over `axis`, in `compute_dtype`.
 
     Over axis 1, XLA:CPU hands a plain reduction to a YNNPACK fusion ~20× slower than adding
     the t slices, but a chain of slice additions it fuses into every user, which then redoes
@@ -57,13 +65,13 @@ def _sum(x: jax.Array, axis: int) -> jax.Array:
     one variadic reduction over the axis's two halves: a loop XLA emits itself, and being a
     reduction, computed once into memory.
     """
-    x = x.astype(jnp.float32)
+    x = x.astype(compute_dtype(x.dtype))
     if axis != _SLICED_AXIS or x.shape[axis] < 2:
         return jnp.sum(x, axis=axis)
     half = x.shape[axis] // 2
     lo = jax.lax.slice_in_dim(x, 0, half, axis=axis)
     hi = jax.lax.slice_in_dim(x, half, 2 * half, axis=axis)
-    zero = jnp.float32(0)
+    zero = jnp.zeros((), x.dtype)
     a, b = jax.lax.reduce((lo, hi), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]), (axis,))
     out = a + b
     if x.shape[axis] % 2:
@@ -94,7 +102,7 @@ def _chunked_reduce(
 
 
 def _max_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """Max (in x's dtype) and float32 sum of `x` over `axis`: the pool when not differentiated.
+    """Max (in x's dtype) and sum (`compute_dtype`) of `x` over `axis`: the undifferentiated pool.
 
     Over the map axes both come from one variadic reduction (`_chunked_reduce`): one read of
     the map, and a loop XLA:CPU writes itself, into which it fuses the map's producer (CinST's
@@ -107,7 +115,7 @@ def _max_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
         return jnp.max(x, axis=axis), _sum(x, axis)
     # A variadic reduction needs one precision: at least float32 (exact for a bf16 map's max),
     # and the map's own when wider, so that the max still equals one of its elements.
-    acc = jnp.promote_types(x.dtype, jnp.float32)
+    acc = compute_dtype(x.dtype)
     xa = x.astype(acc)
     mx, total = _chunked_reduce(
         (xa, xa),
@@ -115,7 +123,7 @@ def _max_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
         lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1]),
         axis,
     )
-    return mx.astype(x.dtype), total.astype(jnp.float32)
+    return mx.astype(x.dtype), total
 
 
 def _as_stored(x: jax.Array) -> jax.Array:
@@ -127,7 +135,7 @@ def _as_stored(x: jax.Array) -> jax.Array:
     elements that round to the max both take the gradient with a count of 1. `reduce_precision`
     is an explicit rounding XLA keeps.
     """
-    acc = jnp.promote_types(x.dtype, jnp.float32)
+    acc = compute_dtype(x.dtype)
     xa = x.astype(acc)
     if acc == x.dtype:
         return xa
@@ -137,7 +145,9 @@ def _as_stored(x: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _max_count_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Max of `x` over `axis` (in x's dtype), how many elements equal it, and the sum (float32).
+    """Max of `x` over `axis` (in x's dtype), how many elements equal it, and the sum.
+
+    The count and the sum are in `compute_dtype`.
 
     One variadic reduction (`_chunked_reduce`), i.e. one read of the map, gives what the pool's
     gradient needs (the tie count included, which would otherwise take a second pass after the
@@ -153,7 +163,7 @@ def _max_count_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.A
 
     init = (jnp.array(-jnp.inf, acc), jnp.array(0, acc), jnp.array(0, acc))
     mx, count, total = _chunked_reduce((xa, jnp.ones_like(xa), xa), init, combine, axis)
-    return mx.astype(x.dtype), count.astype(jnp.float32), total.astype(jnp.float32)
+    return mx.astype(x.dtype), count, total
 
 
 @_max_count_sum.defjvp
@@ -167,23 +177,25 @@ def _max_count_sum_jvp(axis, primals, tangents):
     stored = _as_stored(x)
     hit = stored == _expand(mx, axis).astype(stored.dtype)
     # Plain sums: reverse mode transposes these, which it cannot do for a variadic reduction.
-    d_max = jnp.sum(jnp.where(hit, dx.astype(jnp.float32), 0.0), axis=axis) / count
-    d_total = jnp.sum(dx.astype(jnp.float32), axis=axis)
+    dx = dx.astype(total.dtype)
+    d_max = jnp.sum(jnp.where(hit, dx, 0), axis=axis) / count
+    d_total = jnp.sum(dx, axis=axis)
     return (mx, count, total), (d_max.astype(mx.dtype), jnp.zeros_like(count), d_total)
 
 
 def _reduce_product(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
-    """float32 `Σ_axis a·b`.
+    """`Σ_axis a·b` in `compute_dtype`.
 
     Written as a contraction: XLA:CPU rewrites `reduce(multiply)` into a badly shaped dot that
     runs ~50× slower than this einsum (0.1 s for one `layer1` map). Axis 1 goes by `_sum`.
     """
+    acc = compute_dtype(jnp.promote_types(a.dtype, b.dtype))
     if axis == _SLICED_AXIS:
-        return _sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis)
+        return _sum(a.astype(acc) * b.astype(acc), axis)
     letters = "abcdefgh"[: a.ndim]
     out = letters[:axis] + letters[axis + 1 :]
     spec = f"{letters},{letters}->{out}"
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=acc)
 
 
 def _expand(v: jax.Array, axis: int) -> jax.Array:
@@ -195,7 +207,7 @@ def _expand(v: jax.Array, axis: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def pool(x: jax.Array, axes: Sequence[int]) -> tuple[tuple[jax.Array, jax.Array], ...]:
-    """Max and mean of `x` over each axis in `axes`, both float32.
+    """Max and mean of `x` over each axis in `axes`, both in `compute_dtype`.
 
     Args:
       x: the feature map (any float dtype).
@@ -211,14 +223,14 @@ def _pool_values(x, axes):
     out = []
     for a in axes:
         mx, total = _max_sum(x, a)
-        out.append((mx.astype(jnp.float32), total / x.shape[a]))
+        out.append((mx.astype(total.dtype), total / x.shape[a]))
     return tuple(out)
 
 
 def _pool_fwd(x, axes):
     # Under differentiation each axis is one pass that also counts the ties for the gradient.
     stats = [_max_count_sum(x, a) for a in axes]
-    out = tuple((m.astype(jnp.float32), s / x.shape[a]) for a, (m, _, s) in zip(axes, stats))
+    out = tuple((m.astype(s.dtype), s / x.shape[a]) for a, (m, _, s) in zip(axes, stats))
     return out, (x, tuple((m, ties) for m, ties, _ in stats))
 
 
@@ -286,7 +298,7 @@ def _taps(padded: Sequence[jax.Array], weights: jax.Array) -> jax.Array:
     """`Σ_tap Σ_i weights[tap, i] · padded[i][· + tap]` — a 'same' 3×3×3 cross-correlation.
 
     Args:
-      padded: the inputs `[b, D1, D2, D3]` (float32), each zero-padded by 1 (`_padded`).
+      padded: the inputs `[b, D1, D2, D3]`, each zero-padded by 1 (`_padded`).
       weights: `[27, len(padded)]`, taps in (D1, D2, D3) row-major order.
     """
     _, p1, p2, p3 = padded[0].shape
@@ -336,7 +348,7 @@ def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
     operands = tuple(
         v[:, i : i + d1, j : j + d2, k : k + d3] * dout for i, j, k in _TAPS for v in padded
     )
-    zeros = tuple(jnp.float32(0) for _ in operands)
+    zeros = tuple(jnp.zeros((), o.dtype) for o in operands)
     sums = jax.lax.reduce(operands, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (2, 3))
     return jnp.stack(sums).sum(axis=(1, 2)).reshape(len(_TAPS), len(padded))
 
@@ -356,10 +368,10 @@ def _transposed_taps(wide: jax.Array, weights: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def gate_conv(p_max: jax.Array, p_mean: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The gate's bias-free 2→1-channel 3×3×3 'same' convolution, float32.
+    """The gate's bias-free 2→1-channel 3×3×3 'same' convolution, in the pooled maps' dtype.
 
     Args:
-      p_max, p_mean: the two pooled channels `[b, D1, D2, D3]`.
+      p_max, p_mean: the two pooled channels `[b, D1, D2, D3]`, of one dtype.
       kernel: `[3, 3, 3, 2, 1]` over (D1, D2, D3, in, out), i.e. already permuted to the
         order of the pooled map's axes.
 
@@ -372,22 +384,23 @@ def gate_conv(p_max: jax.Array, p_mean: jax.Array, kernel: jax.Array) -> jax.Arr
     # tricks `_gate_conv_fwd` needs for the gradient would only add kernels here: 20 of the 45
     # in a CinST unit's inference, and 5-10 % of its time (bench/RESULTS.md §3, 2026-12-05).
     padded = tuple(jnp.pad(v, ((0, 0), (1, 1), (1, 1), (1, 1))) for v in (p_max, p_mean))
-    return _taps(padded, kernel.reshape(27, 2).astype(jnp.float32))
+    return _taps(padded, kernel.reshape(27, 2).astype(p_max.dtype))
 
 
 def _gate_conv_fwd(p_max, p_mean, kernel):
     # The padded inputs are kept for the kernel gradient: padded again there, the padding would
     # be fused into its loop as a bounds check on each of the 27 reads of every element.
     padded = (_padded(p_max, 1), _padded(p_mean, 1))
-    out = _taps(padded, kernel.reshape(27, 2).astype(jnp.float32))
+    out = _taps(padded, kernel.reshape(27, 2).astype(p_max.dtype))
     return _materialize(out, kernel), (padded, kernel)
 
 
 def _gate_conv_bwd(res, dout):
     padded, kernel = res
-    w = kernel.reshape(27, 2).astype(jnp.float32)
-    # The output is float32, but a wider cotangent can arrive (a float64 network under x64).
-    wide = _padded(dout.astype(jnp.float32), 2)
+    dtype = padded[0].dtype
+    w = kernel.reshape(27, 2).astype(dtype)
+    # A wider cotangent than the output can arrive (a float32 gate in a float64 network).
+    wide = _padded(dout.astype(dtype), 2)
     d_max = _transposed_taps(wide, w[:, 0])
     d_mean = _transposed_taps(wide, w[:, 1])
     dk = _kernel_grad(padded, wide).reshape(kernel.shape).astype(kernel.dtype)
@@ -461,7 +474,7 @@ batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 def _combined(gates: Sequence[jax.Array], axes: Sequence[int], weights: Sequence[float]):
     total = None
     for g, a, w in zip(gates, axes, weights, strict=True):
-        term = _expand(g, a) * np.float32(w)
+        term = _expand(g, a) * np.asarray(w, g.dtype)
         total = term if total is None else total + term
     return total
 
@@ -474,7 +487,7 @@ def gate_product(
 
     Args:
       x: the map, any float dtype; the result has its dtype.
-      gates: float32 gates, each shaped as `x` without `axes[i]`.
+      gates: the gates (`compute_dtype`), each shaped as `x` without `axes[i]`.
       axes: the axis of `x` each gate is broadcast along.
       weights: the static weight of each gate (1, or 1/3 for the ST average).
     """
@@ -488,7 +501,10 @@ def _gate_product_fwd(x, gates, axes, weights):
 def _gate_product_bwd(axes, weights, res, dout):
     x, gates = res
     dx = dout * _combined(gates, axes, weights).astype(dout.dtype)
-    dgates = tuple(_reduce_product(dout, x, a) * np.float32(w) for a, w in zip(axes, weights))
+    dgates = tuple(
+        _reduce_product(dout, x, a) * np.asarray(w, g.dtype)
+        for a, w, g in zip(axes, weights, gates, strict=True)
+    )
     return dx, tuple(d.astype(g.dtype) for d, g in zip(dgates, gates, strict=True))
 
 
