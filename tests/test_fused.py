@@ -115,6 +115,15 @@ def test_gate_conv_value_and_gradient(shape):
     _close(vjp_fused(dout), vjp_ref(dout), 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("dtypes", [("bfloat16",) * 2, ("float32", "bfloat16")], ids=str)
+def test_gate_conv_refuses_channels_it_cannot_return_gradients_for(dtypes):
+    p_max, p_mean = (_normal(3, (1, 2, 3, 4)).astype(d) for d in dtypes)
+    kernel = _normal(6, (3, 3, 3, 2, 1))
+    for fn in (fused.gate_conv, jax.grad(lambda *a: fused.gate_conv(*a).sum(), argnums=(0, 1))):
+        with pytest.raises(TypeError, match=f"got {dtypes[0]} and {dtypes[1]}"):
+            fn(p_max, p_mean, kernel)
+
+
 @pytest.mark.parametrize("chains", [1, 2, 3, 4, 5])
 def test_interleaved_sum_adds_every_term_once(chains):
     # Powers of two are exact in float32, so any order gives the same sum; a term lost or
