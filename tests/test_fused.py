@@ -116,12 +116,19 @@ def test_gate_conv_value_and_gradient(shape):
 
 
 @pytest.mark.parametrize("dtypes", [("bfloat16",) * 2, ("float32", "bfloat16")], ids=str)
-def test_gate_conv_refuses_channels_it_cannot_return_gradients_for(dtypes):
-    p_max, p_mean = (_normal(3, (1, 2, 3, 4)).astype(d) for d in dtypes)
-    kernel = _normal(6, (3, 3, 3, 2, 1))
-    for fn in (fused.gate_conv, jax.grad(lambda *a: fused.gate_conv(*a).sum(), argnums=(0, 1))):
-        with pytest.raises(TypeError, match=f"got {dtypes[0]} and {dtypes[1]}"):
-            fn(p_max, p_mean, kernel)
+def test_gate_conv_of_bf16_channels_computes_in_float32(dtypes):
+    # The taps run in float32 and each channel's gradient comes back in its own dtype: exactly
+    # the float32 convolution of the same values, its gradients rounded to that dtype.
+    p_max, p_mean = (_normal(3 + i, (1, 2, 3, 4)).astype(d) for i, d in enumerate(dtypes))
+    kernel, dout = _normal(6, (3, 3, 3, 2, 1)), _normal(5, (1, 2, 3, 4))
+    wide = tuple(v.astype(jnp.float32) for v in (p_max, p_mean))
+    out, vjp = jax.vjp(fused.gate_conv, p_max, p_mean, kernel)
+    want, vjp_want = jax.vjp(fused.gate_conv, *wide, kernel)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, want)
+    for got, exact, channel in zip(vjp(dout), vjp_want(dout), (p_max, p_mean, kernel)):
+        assert got.dtype == channel.dtype
+        np.testing.assert_array_equal(got, exact.astype(channel.dtype))
 
 
 @pytest.mark.parametrize("chains", [1, 2, 3, 4, 5])

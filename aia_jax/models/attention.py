@@ -124,8 +124,7 @@ class GateConv(nn.Module):
         stacked `[..., 2]` copy (and its gradient's).
         """
         kernel = jnp.transpose(self.kernel, GATE_KERNEL_PERM[self.gate])
-        dtype = fused.compute_dtype(jnp.promote_types(p_max.dtype, p_mean.dtype))
-        return fused.gate_conv(p_max.astype(dtype), p_mean.astype(dtype), kernel)
+        return fused.gate_conv(p_max, p_mean, kernel)
 
 
 class GateNorm(nn.Module):

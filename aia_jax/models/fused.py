@@ -366,40 +366,38 @@ def _transposed_taps(wide: jax.Array, weights: jax.Array) -> jax.Array:
     )
 
 
-@jax.custom_vjp
 def gate_conv(p_max: jax.Array, p_mean: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The gate's bias-free 2→1-channel 3×3×3 'same' convolution, in the pooled maps' dtype.
+    """The gate's bias-free 2→1-channel 3×3×3 'same' convolution.
 
     Args:
-      p_max, p_mean: the two pooled channels `[b, D1, D2, D3]`, of one dtype, float32 or
-        wider (`pool` gives them so).
+      p_max, p_mean: the two pooled channels `[b, D1, D2, D3]`.
       kernel: `[3, 3, 3, 2, 1]` over (D1, D2, D3, in, out), i.e. already permuted to the
         order of the pooled map's axes.
 
     Returns:
-      `[b, D1, D2, D3]`, equal to `lax.conv_general_dilated` with padding 1.
+      `[b, D1, D2, D3]` in the channels' `compute_dtype` (float32 for bf16 channels), equal to
+      `lax.conv_general_dilated` with padding 1. The channels' gradients come back in their
+      own dtypes.
     """
+    dtype = compute_dtype(jnp.promote_types(p_max.dtype, p_mean.dtype))
+    # Cast outside the custom gradient, whose cotangents must have its inputs' dtype: autodiff
+    # casts them back. For channels already in `dtype` the casts are no-ops.
+    return _gate_conv(p_max.astype(dtype), p_mean.astype(dtype), kernel)
+
+
+@jax.custom_vjp
+def _gate_conv(p_max: jax.Array, p_mean: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`gate_conv` for channels of one dtype, float32 or wider."""
     # Not differentiated (inference), the output's users are the gate's batch norm with running
     # statistics and its sigmoid: elementwise, they fuse into the taps' loop, and XLA writes the
     # sigmoid once (it does not fuse an expensive op into the product that broadcasts it). The
     # tricks `_gate_conv_fwd` needs for the gradient would only add kernels here: 20 of the 45
     # in a CinST unit's inference, and 5-10 % of its time (bench/RESULTS.md §3, 2026-12-05).
-    _check_pooled(p_max, p_mean)
     padded = tuple(jnp.pad(v, ((0, 0), (1, 1), (1, 1), (1, 1))) for v in (p_max, p_mean))
     return _taps(padded, kernel.reshape(27, 2).astype(p_max.dtype))
 
 
-def _check_pooled(p_max: jax.Array, p_mean: jax.Array) -> None:
-    # The gradient returns the inputs' dtype, so it must be the one the taps compute in.
-    if p_max.dtype != p_mean.dtype or p_max.dtype != compute_dtype(p_max.dtype):
-        raise TypeError(
-            "gate_conv: both pooled channels in one dtype of float32 or wider expected "
-            f"(fused.compute_dtype), got {p_max.dtype} and {p_mean.dtype}"
-        )
-
-
 def _gate_conv_fwd(p_max, p_mean, kernel):
-    _check_pooled(p_max, p_mean)
     # The padded inputs are kept for the kernel gradient: padded again there, the padding would
     # be fused into its loop as a bounds check on each of the 27 reads of every element.
     padded = (_padded(p_max, 1), _padded(p_mean, 1))
@@ -419,7 +417,7 @@ def _gate_conv_bwd(res, dout):
     return d_max, d_mean, dk
 
 
-gate_conv.defvjp(_gate_conv_fwd, _gate_conv_bwd)
+_gate_conv.defvjp(_gate_conv_fwd, _gate_conv_bwd)
 
 
 # --- the gate's batch norm -----------------------------------------------------------------
