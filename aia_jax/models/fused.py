@@ -13,9 +13,6 @@ The primitives here avoid both, and their gradients are written out so that XLA 
 elementwise passes and reductions instead of what autodiff would trace (at batch 1 every
 kernel costs microseconds to launch whatever its size, so fewer kernels is faster):
 
-Gates compute in float32 (`compute_dtype`: a bf16 or float32 map's), or in the map's own
-dtype when it is wider (float64 under x64), so that a float64 network is float64 throughout.
-
 - `pool(x, axes)`: max and mean of `x` over each of `axes` (one call for all axes a unit
   pools over), a map axis's pair from one variadic reduction, which reads the map once and
   takes its producer fused in; gradient `mask·dmax/ties + dmean/n`, the same
@@ -29,6 +26,9 @@ dtype when it is wider (float64 under x64), so that a float64 network is float64
 - `batch_norm(x, scale, bias, epsilon)`: the gate's training-mode batch norm, its statistics
   and its gradient's two sums each one variadic reduction (`attention.GateNorm` holds its
   variables, named as `nn.BatchNorm`'s).
+
+Gates compute in float32 (`compute_dtype`: a bf16 or float32 map's), or in the map's own
+dtype when it is wider (float64 under x64), so that a float64 network is float64 throughout.
 
 Nothing here is CPU-specific: on GPU the same programs are a handful of fused loops.
 """
