@@ -104,7 +104,6 @@ class GateConv(nn.Module):
     def __call__(self, pooled: jax.Array) -> jax.Array:
         """Maps the pooled context `[b, D1, D2, D3, 2]` (max, mean) to `[b, D1, D2, D3, 1]`."""
         if self.impl == "fused":
-            pooled = pooled.astype(fused.compute_dtype(pooled.dtype))
             return self.taps(pooled[..., 0], pooled[..., 1])[..., None].astype(self.dtype)
         if self.impl != "xla":
             raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
