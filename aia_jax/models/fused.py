@@ -50,9 +50,9 @@ _SLICED_AXIS = 1
 _TAPS = list(itertools.product(range(3), repeat=3))
 
 
-def compute_dtype(dtype) -> jnp.dtype:
-    """The dtype a gate computes in for a map of `dtype`: float32, or `dtype` when wider."""
-    return jnp.promote_types(dtype, jnp.float32)
+def compute_dtype(*dtypes) -> jnp.dtype:
+    """The dtype a gate computes in for maps of `dtypes`: float32, or the widest when wider."""
+    return functools.reduce(jnp.promote_types, dtypes, jnp.dtype(jnp.float32))
 
 
 def _sum(x: jax.Array, axis: int) -> jax.Array:
@@ -189,7 +189,7 @@ def _reduce_product(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
     Written as a contraction: XLA:CPU rewrites `reduce(multiply)` into a badly shaped dot that
     runs ~50× slower than this einsum (0.1 s for one `layer1` map). Axis 1 goes by `_sum`.
     """
-    acc = compute_dtype(jnp.promote_types(a.dtype, b.dtype))
+    acc = compute_dtype(a.dtype, b.dtype)
     if axis == _SLICED_AXIS:
         return _sum(a.astype(acc) * b.astype(acc), axis)
     letters = "abcdefgh"[: a.ndim]
@@ -379,7 +379,7 @@ def gate_conv(p_max: jax.Array, p_mean: jax.Array, kernel: jax.Array) -> jax.Arr
       `lax.conv_general_dilated` with padding 1. The channels' gradients come back in their
       own dtypes.
     """
-    dtype = compute_dtype(jnp.promote_types(p_max.dtype, p_mean.dtype))
+    dtype = compute_dtype(p_max.dtype, p_mean.dtype)
     # Cast outside the custom gradient, whose cotangents must have its inputs' dtype: autodiff
     # casts them back. For channels already in `dtype` the casts are no-ops.
     return _gate_conv(p_max.astype(dtype), p_mean.astype(dtype), kernel)
