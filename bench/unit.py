@@ -95,6 +95,7 @@ def build(unit: str, impl: str, shape: tuple[int, ...], dtype, models=attention)
         "train": lambda: jax.block_until_ready(train(*args)),
         "infer": lambda: jax.block_until_ready(inference(*args)),
         "kernels": (kernel_count(train), kernel_count(inference)),
+        "compiled": {"train": train, "infer": inference},
     }
 
 
