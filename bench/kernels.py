@@ -148,7 +148,7 @@ def summarize(programs: Sequence[Program], top: int) -> None:
     def median(values) -> float:
         return float(np.median(list(values))) / 1e6
 
-    print("\nms per call, medians over the calls; kernel time summed over XLA's threads\n")
+    print("\nms per call, medians over the calls; a kernel's time is its traced events' summed\n")
     print(
         "| program | wall | kernels: attention | kernels: backbone | ≥ 1 kernel running "
         "| ≥ 2 kernels running | kernels running on average | kernels per call |"
