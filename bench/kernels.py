@@ -38,6 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 import unit as unit_bench
 
+from aia_jax.models import valid_names
+from aia_jax.models.attention import UNIT_GATES
+
 # An instruction of the entry computation: its name and its (possibly tuple) shape.
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) [\w\-]+\(")
 _OP_NAME = re.compile(r'metadata=\{[^}]*op_name="([^"]*)"')
@@ -148,7 +151,7 @@ def summarize(programs: Sequence[Program], top: int) -> None:
     def median(values) -> float:
         return float(np.median(list(values))) / 1e6
 
-    print("\nms per call, medians over the calls; a kernel's time is its traced events' summed\n")
+    print("\nms per call, medians over the calls; a kernel's time: the sum of its traced events\n")
     print(
         "| program | wall | kernels: attention | kernels: backbone | ≥ 1 kernel running "
         "| ≥ 2 kernels running | kernels running on average | kernels per call |"
@@ -208,7 +211,9 @@ def unit_program(name: str, shape: tuple[int, ...], mode: str, dtype: str) -> Pr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--names", type=common.csv, default=["TSM", "TSM_CinST_BN", "TSM_STinC_BN"])
-    parser.add_argument("--unit", help="profile this attention unit alone instead (fused)")
+    parser.add_argument(
+        "--unit", choices=list(UNIT_GATES), help="profile this attention unit alone instead (fused)"
+    )
     parser.add_argument("--size", type=int, default=56, help="--unit: the map's h = w")
     parser.add_argument("--channels", type=int, default=64, help="--unit: the map's channels")
     parser.add_argument("--mode", choices=("train", "infer"), default="train")
@@ -217,6 +222,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=8, help="profiled rounds")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per program")
     args = parser.parse_args()
+    if len(set(args.names)) != len(args.names):
+        parser.error(f"--names: each network once, got {','.join(args.names)}")
+    unknown = [n for n in args.names if n not in valid_names()]
+    if unknown and not args.unit:
+        parser.error(f"--names: unknown {','.join(unknown)}; e.g. TSM, TSM_CinST_BN, C2D_STinC_BN")
     common.print_environment(common.environment())
     if args.unit:
         shape = (args.batch, 8, args.size, args.size, args.channels)
