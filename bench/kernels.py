@@ -41,8 +41,6 @@ import unit as unit_bench
 from aia_jax.models import valid_names
 from aia_jax.models.attention import UNIT_GATES
 
-# An instruction of the entry computation: its name and its (possibly tuple) shape.
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) [\w\-]+\(")
 _OP_NAME = re.compile(r'metadata=\{[^}]*op_name="([^"]*)"')
 
 
@@ -52,17 +50,14 @@ def kernel_classes(compiled, everything_is_attention: bool = False) -> dict[str,
     The class is 'attention' when the instruction's op name lies inside an attention unit (the
     units are the submodules `eft`, `eft1`, `eft2`), else 'backbone'.
     """
-    text = compiled.as_text()
-    entry = text[text.index("\nENTRY") :]
     out = {}
-    for line in entry.splitlines()[1:]:
-        m = _INSTRUCTION.match(line)
-        if not m:
-            continue
+    for name, shape, _, line in unit_bench.entry_instructions(compiled):
         op = _OP_NAME.search(line)
         inside = everything_is_attention or bool(op and re.search(r"/eft\d?(/|$)", op.group(1)))
-        shape = _short_shape(re.sub(r"\{[^}]*\}", "", m.group(2)))
-        out[m.group(1)] = ("attention" if inside else "backbone", shape)
+        out[name] = (
+            "attention" if inside else "backbone",
+            _short_shape(re.sub(r"\{[^}]*\}", "", shape)),
+        )
     return out
 
 

@@ -41,12 +41,20 @@ STAGES = [(56, 64, 3), (28, 128, 4), (14, 256, 6), (7, 512, 3)]
 _NOT_KERNELS = ("parameter", "constant", "bitcast", "tuple", "get-tuple-element", "copy-start")
 
 
+# An instruction line: its name, its (possibly tuple) shape and its opcode.
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w\-]+)\(")
+
+
+def entry_instructions(compiled) -> list[tuple[str, str, str, str]]:
+    """`(name, shape, opcode, line)` of each instruction of the compiled entry computation."""
+    text = compiled.as_text()
+    lines = text[text.index("ENTRY") :].splitlines()[1:]
+    return [(*m.groups(), line) for line in lines if (m := _INSTRUCTION.match(line))]
+
+
 def kernel_count(compiled) -> int:
     """Top-level operations of the compiled entry computation that do work."""
-    text = compiled.as_text()
-    entry = text[text.index("ENTRY") :]
-    ops = re.findall(r"^\s*(?:ROOT )?%\S+ = (?:\(.*?\)|\S+) ([\w\-]+)\(", entry, re.M)
-    return sum(op not in _NOT_KERNELS for op in ops)
+    return sum(op not in _NOT_KERNELS for _, _, op, _ in entry_instructions(compiled))
 
 
 def _load(name: str, path: pathlib.Path):
