@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import aia_jax.data as data
-from aia_jax.data import decode, testing
+from aia_jax.data import decode, sources, testing
 from aia_jax.data.testing import frame_ids, video_ids
 
 
@@ -119,8 +119,40 @@ def test_presets_fill_unset_fields_and_class_names(tmp_path):
         data.resolve(c)
 
 
+def test_preset_gives_its_source_unless_one_is_chosen(tmp_path):
+    c = data.get_config()  # source 'synthetic', the default
+    c.preset = "something_v1"
+    assert data.resolve(c).source == "frames"
+    c.root = str(tmp_path / "absent")  # checked as a frames root, not skipped as synthetic
+    with pytest.raises(data.DataError, match="config.data.root .*absent: not a directory"):
+        data.resolve(c)
+    c.root, c.source = "", "videos"
+    assert data.resolve(c).source == "videos"
+    c.source, c.preset = "synthetic", "synthetic"
+    assert data.resolve(c).source == "synthetic"
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input found at start: a one-line DataError naming the file and line.
+
+
+@pytest.mark.parametrize(
+    "field, message",
+    [
+        (
+            "test_crop",
+            r"config.data.test_crop: no such field \(did you mean config.data.test_crops",
+        ),
+        ("frist_frame", r"config.data.frist_frame: no such field \(did you mean .*first_frame\?\)"),
+        ("flipmap", r"config.data.flipmap: no such field \(did you mean config.data.flip_map\?"),
+        ("zzz", r"^config.data.zzz: no such field$"),
+    ],
+)
+def test_misspelt_config_fields_fail_at_start(tmp_path, field, message):
+    c = small_config(tmp_path)
+    c[field] = 0  # a config file's typo; the command line's are ml_collections' errors
+    with pytest.raises(data.DataError, match=message):
+        data.resolve(c)
 
 
 @pytest.mark.parametrize(
@@ -319,6 +351,16 @@ def test_video_class_folders(tmp_path):
     assert sorted(out["label"].tolist()) == [0, 0, 1, 1, 2, 2]
 
 
+def test_hidden_folders_are_not_classes(tmp_path):
+    folder = testing.write_video_files(str(tmp_path), 4, 8, num_classes=2, class_folders=True)
+    for hidden in (".ipynb_checkpoints", "@eaDir"):
+        shutil.copytree(os.path.join(folder, "class0"), os.path.join(folder, hidden))
+    c = small_config(tmp_path, "videos", num_classes=0, train_list=folder, val_list=folder)
+    assert data.num_classes(c) == 2 and data.class_names(c) == ["class0", "class1"]
+    out = all_eval(c, batch=4)
+    assert sorted(out["label"].tolist()) == [0, 0, 1, 1]
+
+
 def test_val_class_folders_take_the_training_labels(tmp_path):
     train = testing.write_video_files(
         str(tmp_path), 6, 8, num_classes=3, class_folders=True, media_dir="train"
@@ -388,3 +430,24 @@ def test_tfds_video_feature_read_raw_without_tensorflow(tmp_path):
     assert out["valid"].tolist() == [True, True, True, False, True]
     np.testing.assert_array_equal(frame_ids(out["video"][0, 0]), [1, 4, 7, 10])
     assert "tensorflow" not in sys.modules
+
+
+def test_tfds_wrong_feature_keys_fail_at_start(tmp_path):
+    testing.write_tfds(str(tmp_path), "tiny_clips", {"train": 2}, num_frames=4)
+    testing.write_raw_video_tfds(str(tmp_path), "raw_clips", "train", 2)
+    for name in ("tiny_clips", "raw_clips"):  # read by TFDS / by the raw ArrayRecord reader
+        c = small_config(tmp_path, "tfds", tfds_name=name, data_dir=str(tmp_path), num_classes=4)
+        c.tfds_label_key = "labels"
+        with pytest.raises(data.DataError) as e:
+            data.num_train_examples(c)
+        assert str(e.value) == (
+            f"config.data.tfds_label_key 'labels': tfds '{name}' has no such feature "
+            "(it has label, video)"
+        )
+        c.tfds_label_key, c.tfds_video_key = "label", "frames"
+        with pytest.raises(data.DataError, match=rf"tfds_video_key 'frames': tfds '{name}' has"):
+            one_train_batch(c, batch=2)
+    # Without features.json the raw reader takes the first record's features.
+    os.remove(tmp_path / "raw_clips" / "1.0.0" / "features.json")
+    raw = sources.RawArrayRecordExamples("raw_clips", "train", str(tmp_path))
+    assert sorted(raw.feature_keys()) == ["label", "video"]

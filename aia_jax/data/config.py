@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import json
 import os
@@ -65,13 +66,26 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A checked copy with the preset's values in the fields left '' / 0 / None."""
+    """A checked copy with the preset's values in the fields left '' / 0 / None.
+
+    A named preset also gives its source where `source` is left at the default 'synthetic'.
+    """
     c = ml_collections.ConfigDict(config.to_dict())
+    # A config file's misspelt field would otherwise be ignored (the command line rejects it).
+    known = get_config()
+    for key in c:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean config.data.{close[0]}?)" if close else ""
+            raise DataError(f"config.data.{key}: no such field{hint}")
     if c.source not in SOURCES:
         raise DataError(f"config.data.source {c.source!r}: expected one of {SOURCES}")
     preset_name = c.preset or ("synthetic" if c.source == "synthetic" else "")
     if preset_name:
         p = presets.get(preset_name)
+        # source 'synthetic' is the default, so a named dataset preset means its own source.
+        if c.source == "synthetic":
+            c.source = p.source
         for field in (
             "media_dir",
             "train_list",

@@ -163,10 +163,18 @@ def parse_video_list(
 
 
 def class_folder_names(folder: str) -> list[str]:
-    """The sorted sub-folder names of a class-folder split (its classes, labels 0, 1, …)."""
+    """The sorted sub-folder names of a class-folder split (its classes, labels 0, 1, …).
+
+    Hidden folders (`.ipynb_checkpoints`, …) and Synology's `@eaDir` are not classes: sorted
+    first, they would shift every label.
+    """
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: video folder not found")
-    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    return sorted(
+        d
+        for d in os.listdir(folder)
+        if not d.startswith(".") and d != "@eaDir" and os.path.isdir(os.path.join(folder, d))
+    )
 
 
 def scan_class_folders(
@@ -276,6 +284,7 @@ class TfdsSource:
         self._reader: Any = None
         self.raw = False
         self._length = len(self._open())
+        self._check_keys()
         self.num_classes, self.class_names = self._label_info()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -309,6 +318,19 @@ class TfdsSource:
                 ) from None
         self._reader = RawArrayRecordExamples(self.name, self.split, self.data_dir)
         return self._reader
+
+    def _check_keys(self) -> None:
+        # A wrong key would otherwise be a KeyError traceback, from a reading worker at that.
+        if self.raw:
+            keys = self._reader.feature_keys()
+        else:
+            keys = list(self._reader.dataset_info.features.keys())
+        for field, key in (("tfds_video_key", self.video_key), ("tfds_label_key", self.label_key)):
+            if keys and key not in keys:
+                raise DataError(
+                    f"config.data.{field} {key!r}: tfds {self.name!r} has no such feature "
+                    f"(it has {', '.join(sorted(keys))})"
+                )
 
     def _label_info(self) -> tuple[int, list[str]]:
         if self.raw:
@@ -400,6 +422,13 @@ class RawArrayRecordExamples:
 
     def __len__(self) -> int:
         return self.length
+
+    def feature_keys(self) -> list[str]:
+        """The top-level feature names: features.json's, else the first record's ([] if none)."""
+        with contextlib.suppress(OSError, KeyError, ValueError, TypeError):
+            with open(os.path.join(self.directory, "features.json")) as f:
+                return list(json.load(f)["featuresDict"]["features"])
+        return list(self[0]) if self.length else []
 
     def label_info(self, label_key: str) -> tuple[int, list[str]]:
         path = os.path.join(self.directory, "features.json")
