@@ -106,6 +106,8 @@ def test_predict_and_export_errors(capsys, tmp_path):
         (["--config.model.depth=33"], "train.py: error: config.model: depth must be one of"),
         (["--config.model.name=TSM_Foo"], "train.py: error: config.model: unknown model name"),
         (["--config.data.crop_size=64"], "train.py: error: config.data.crop_size 64 is larger"),
+        (["--config.distributed.auto=True"],
+         "train.py: error: distributed.auto=True but JAX's cluster detection found no cluster"),
     ],
 )  # fmt: skip
 def test_train_py_errors(tmp_path, args, message):
@@ -123,3 +125,29 @@ def test_train_py_errors(tmp_path, args, message):
     assert "Traceback" not in result.stderr
     assert "device(s); global batch" not in result.stdout + result.stderr  # checks come first
     assert not (tmp_path / "w").exists()  # a run that fails its checks leaves no empty workdir
+
+
+def test_train_py_rejects_a_misspelt_field_of_the_config_file(tmp_path):
+    """The command line's misspelt overrides are ml_collections' errors; a config file's fields
+    are the trainer's to check."""
+    config = tmp_path / "typo.py"
+    config.write_text(
+        "from configs import default\n\n\n"
+        "def get_config():\n"
+        "    c = default.get_config()\n"
+        "    c.num_epoch = 0.25\n"
+        "    return c\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(config), "--workdir", str(tmp_path / "w")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        "train.py: error: config.num_epoch: no such field (did you mean config.num_epochs?)"
+    ], result.stderr
+    assert not (tmp_path / "w").exists()

@@ -210,6 +210,57 @@ def test_resume_with_another_network_is_refused_in_one_line(env, reference, tmp_
         train.run(c, workdir)
 
 
+def test_resume_with_another_batch_size_is_refused_in_one_line(env, reference, tmp_path):
+    """The steps, the epochs they mean and the learning-rate schedule follow the batch size."""
+    import shutil
+
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference[0], workdir)
+    c = tiny_config(env["data_dir"])
+    c.batch_size = 8
+    with pytest.raises(UserError) as e:
+        train.run(c, workdir)
+    assert str(e.value) == (
+        f"{workdir}/config.json: the run in this workdir has batch_size 16, this config 8 (its "
+        "epochs and learning-rate schedule would no longer match); resume with "
+        "--config.batch_size=16, or use a new workdir"
+    )
+
+
+def test_failures_before_anything_is_written(env, tmp_path):
+    """Checked up front, before any compilation and before the workdir is created: a workdir
+    that is a file, a val list that cannot be read, a bad init_from, a network T that is not
+    the clips' length."""
+    from aia_jax.data import testing
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(UserError, match=r"workdir .*/file: exists and is not a directory"):
+        train.run(tiny_config(env["data_dir"]), str(a_file))
+
+    workdir = tmp_path / "w"
+    c = tiny_config(env["data_dir"])
+    c.init_from = str(tmp_path / "missing")
+    with pytest.raises(UserError, match="init_from=.*missing'?: no such model directory"):
+        train.run(c, str(workdir))
+    assert not workdir.exists()
+
+    c = tiny_config(env["data_dir"])
+    c.data.sampling, c.data.clip_len = "dense3d", 8
+    with pytest.raises(UserError, match=r"model.num_segments=4 but data.clip_len=8 \(data.sa"):
+        train.run(c, str(workdir))
+
+    root = tmp_path / "frames"
+    testing.write_frame_folders(str(root), 16, 4, size=(32, 32))
+    c = tiny_config(env["data_dir"])
+    c.data.source, c.data.root, c.data.media_dir = "frames", str(root), "frames"
+    c.data.train_list, c.data.val_list = "train.txt", "val.txt"
+    c.data.filename_template, c.data.num_classes = "img_{:05d}.jpg", 4
+    with pytest.raises(UserError, match="val.txt"):
+        train.run(c, str(workdir))
+    assert not workdir.exists()
+
+
 def test_resume_with_another_optimiser_is_refused_in_one_line(env, reference, tmp_path):
     import shutil
 

@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from aia_jax import models
+from aia_jax.errors import UserError
 from aia_jax.train import mesh as mesh_lib
 from aia_jax.train import optim
 from aia_jax.train import step as step_lib
@@ -207,3 +209,28 @@ def test_bfloat16_compute_keeps_float32_state():
     assert np.abs(gate(new.params) - gate(state.params)).max() > 0
     for leaf in jax.tree.leaves((new.params, new.batch_stats)):
         assert leaf.dtype == np.float32
+
+
+def test_check_batch_size_names_the_key_and_only_what_applies():
+    mesh = mesh_lib.make_mesh()  # the 8 fake devices
+    with pytest.raises(UserError) as e:
+        mesh_lib.check_batch_size(12, mesh, name="eval_batch_size")
+    assert str(e.value).startswith("eval_batch_size 12 cannot be split evenly over 8 devices")
+    assert "grad_accum_steps" not in str(e.value)  # the evaluation does not accumulate
+    with pytest.raises(UserError, match=r"\(batch_size 12 / grad_accum_steps 2\)"):
+        mesh_lib.check_batch_size(12, mesh, 2)
+
+
+def test_process_group_without_a_coordinator_is_refused(monkeypatch):
+    """Else every host would train alone, all into the same workdir."""
+    for name in (mesh_lib.ENV_COORDINATOR, mesh_lib.ENV_NUM_PROCESSES, mesh_lib.ENV_PROCESS_ID):
+        monkeypatch.delenv(name, raising=False)
+    for cfg in ({"num_processes": 2, "process_id": 1}, {"process_id": 0}):
+        with pytest.raises(UserError, match=r"^distributed.num_processes .* no coordinator_addr"):
+            mesh_lib.initialize_distributed(cfg)
+    monkeypatch.setenv(mesh_lib.ENV_NUM_PROCESSES, "4")
+    with pytest.raises(UserError, match="num_processes 4, process_id -1 but no coordinator"):
+        mesh_lib.initialize_distributed({})
+    monkeypatch.delenv(mesh_lib.ENV_NUM_PROCESSES)
+    mesh_lib.initialize_distributed({"num_processes": 1, "process_id": 0})  # one process
+    mesh_lib.initialize_distributed(None)

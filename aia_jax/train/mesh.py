@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from aia_jax.errors import UserError
+from aia_jax.errors import UserError, one_line
 
 DATA_AXIS = "data"
 
@@ -46,6 +46,12 @@ def initialize_distributed(cfg: Mapping[str, Any] | None = None) -> None:
         pid = int(os.environ.get(ENV_PROCESS_ID, -1))
     if jax.distributed.is_initialized():
         return
+    if not address and not cfg.get("auto") and (num > 1 or (pid >= 0 and num != 1)):
+        # Without it every host would train alone, all into the same workdir.
+        raise UserError(
+            f"distributed.num_processes {num}, process_id {pid} but no coordinator_address "
+            f"(or {ENV_COORDINATOR}): set it to process 0's host:port, or auto=True"
+        )
     if address and num > 1:
         if pid < 0:
             raise UserError(
@@ -55,7 +61,14 @@ def initialize_distributed(cfg: Mapping[str, Any] | None = None) -> None:
         jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
     elif cfg.get("auto"):
         logging.info("Joining the process group found by JAX's cluster detection.")
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except ValueError as e:  # e.g. 'coordinator_address should be defined.'
+            raise UserError(
+                f"distributed.auto=True but JAX's cluster detection found no cluster (TPU pod, "
+                f"SLURM, Open MPI): {one_line(e)}; set coordinator_address, num_processes and "
+                "process_id instead"
+            ) from None
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -97,6 +110,11 @@ def check_batch_size(
     if rem:
         raise UserError(
             f"{name} {global_batch_size} is not divisible by grad_accum_steps {grad_accum_steps}"
+        )
+    if micro % mesh.size and grad_accum_steps == 1:
+        raise UserError(
+            f"{name} {global_batch_size} cannot be split evenly over {mesh.size} devices; pick "
+            f"a multiple of {mesh.size}"
         )
     if micro % mesh.size:
         raise UserError(

@@ -24,10 +24,11 @@ from jax.experimental import multihost_utils
 
 from aia_jax import modelio
 from aia_jax.errors import UserError, one_line
+from aia_jax.train import config as config_lib
 from aia_jax.train import mesh as mesh_lib
 from aia_jax.train import optim
 from aia_jax.train import step as step_lib
-from aia_jax.train.checkpoint import BEST_METRIC, Checkpoints
+from aia_jax.train.checkpoint import BEST_METRIC, Checkpoints, checkpoint_dir
 from aia_jax.train.metrics import MetricWriter, Progress, note
 
 CONFIG_FILE = "config.json"
@@ -126,12 +127,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       NonFiniteLossError: the loss or gradients became non-finite; the checkpoints in `workdir`
         are the last good ones.
     """
+    cfg = config
+    check_config(cfg)  # first: a misspelt `distributed` field must not go unnoticed either
     mesh_lib.initialize_distributed(config.get("distributed"))
     from aia_jax import data, models  # after the process group exists
+    from aia_jax.data.config import clip_length
 
-    cfg = config
-    check_config(cfg)
     workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"workdir {workdir}: exists and is not a directory")
     if os.path.isdir(os.path.join(workdir, modelio.VARIABLES_DIR)):
         # Training into it would rewrite its model.json beside the old variables.
         raise UserError(
@@ -154,6 +158,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     # --- Data ----------------------------------------------------------------------------------
     data_cfg = data.resolve(cfg.data)
+    frames = clip_length(data_cfg)
+    if cfg.model.num_segments != frames:
+        source = (
+            f"data.clip_len={data_cfg.clip_len} (data.sampling 'dense3d')"
+            if data_cfg.sampling == "dense3d"
+            else f"data.num_segments={data_cfg.num_segments}"
+        )
+        raise UserError(
+            f"config.model.num_segments={cfg.model.num_segments} but {source} gives clips of "
+            f"{frames} frames; expected the same T (data.clip_len 0 = data.num_segments)"
+        )
     num_classes = data.num_classes(data_cfg)
     if data_cfg.classnames:
         data.class_names(data_cfg)  # a missing or short names file fails now, not at evaluation
@@ -163,15 +178,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     total_steps = max(1, round(cfg.num_epochs * steps_per_epoch))
     eval_epochs = cfg.get("eval_every_epochs", 1.0)
     eval_every = max(1, round(eval_epochs * steps_per_epoch)) if eval_epochs > 0 else 0
+    if eval_every:  # a broken val list fails now, not at the first validation
+        data.num_eval_examples(data_cfg, "val")
     ckpt_every = cfg.get("checkpoint_every_steps", 0)
     log_every = max(1, cfg.get("log_every_steps", 50))
 
     # --- Model and optimiser -------------------------------------------------------------------
-    if cfg.model.num_segments != data_cfg.num_segments:
-        raise UserError(
-            f"model.num_segments={cfg.model.num_segments} but data.num_segments="
-            f"{data_cfg.num_segments}"
-        )
     compute_dtype = _dtype(cfg.get("dtype", "float32"))
     create_kwargs = dict(
         num_classes=num_classes,
@@ -239,6 +251,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    init_from = None
+    if cfg.get("init_from") and not os.path.isdir(checkpoint_dir(workdir)):
+        # A fresh run: a bad init_from fails now, before anything is written into the workdir.
+        init_from = modelio.load_for_init(cfg.init_from, model)
     if main:  # only now: a run that fails its checks above leaves no empty workdir behind
         os.makedirs(workdir, exist_ok=True)
     ckpts = Checkpoints(workdir, keep=cfg.get("keep_checkpoints", 2))
@@ -247,6 +263,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if latest is not None:
         note(f"resuming from {ckpts.directory}/{latest}")
         _check_same_model(workdir, meta)
+        _check_same_batch(workdir, batch_size)
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract_state,
@@ -259,7 +276,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
         state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
         if cfg.get("init_from"):
-            state = _init_from(cfg.init_from, model, state, state_sharding)
+            if init_from is None:
+                init_from = modelio.load_for_init(cfg.init_from, model)
+            state = _init_from(cfg.init_from, init_from, state, state_sharding)
     start_step = int(_to_host(state.step))
 
     if main:
@@ -420,6 +439,9 @@ def _is_number(value: Any) -> bool:
 def check_config(cfg: ml_collections.ConfigDict) -> None:
     """Checks the trainer's own fields (the data's are `aia_jax.data.resolve`'s, the model's
     `models.create`'s); raises UserError naming the key."""
+    unknown = config_lib.unknown_field(cfg)
+    if unknown:
+        raise UserError(unknown)
     positive = {"batch_size": cfg.batch_size, "grad_accum_steps": cfg.get("grad_accum_steps", 1)}
     positive["keep_checkpoints"] = cfg.get("keep_checkpoints", 2)
     positive["model.width"] = cfg.model.width
@@ -431,9 +453,15 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     if not _is_number(cfg.num_epochs) or cfg.num_epochs <= 0:
         raise UserError(f"config.num_epochs {cfg.num_epochs!r}: expected a positive number")
     opt = cfg.optimizer
-    for key in ("lr", "reference_batch_size", "momentum", "weight_decay", "lr_decay"):
+    for key in ("lr", "momentum", "weight_decay", "lr_decay", "clip_grad_norm"):
         if key in opt and (not _is_number(opt[key]) or opt[key] < 0):
-            raise UserError(f"config.optimizer.{key} {opt[key]!r}: expected a number >= 0")
+            off = " (0 = off)" if key == "clip_grad_norm" else ""
+            raise UserError(f"config.optimizer.{key} {opt[key]!r}: expected a number >= 0{off}")
+    reference = opt.get("reference_batch_size")
+    if not _is_number(reference) or reference <= 0:
+        raise UserError(
+            f"config.optimizer.reference_batch_size {reference!r}: expected a positive number"
+        )
     for name, value in (
         ("optimizer.warmup_epochs", opt.get("warmup_epochs", 0)),
         ("eval_every_epochs", cfg.get("eval_every_epochs", 1.0)),
@@ -441,8 +469,15 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         if not _is_number(value) or value < 0:
             raise UserError(f"config.{name} {value!r}: expected a number >= 0")
     steps = opt.get("lr_steps", ())
-    if not isinstance(steps, (list, tuple)) or not all(_is_number(e) and e >= 0 for e in steps):
-        raise UserError(f"config.optimizer.lr_steps {steps!r}: expected epochs, e.g. (20, 40)")
+    if (
+        not isinstance(steps, (list, tuple))
+        or not all(_is_number(e) and e >= 0 for e in steps)
+        or any(a >= b for a, b in zip(steps, steps[1:]))  # a repeat would decay only once
+    ):
+        raise UserError(
+            f"config.optimizer.lr_steps {steps!r}: expected epochs in increasing order, "
+            "e.g. (20, 40)"
+        )
 
 
 def _create_model(name: str, **kwargs: Any) -> Any:
@@ -498,11 +533,34 @@ def _check_same_model(workdir: str, meta: dict[str, Any]) -> None:
         )
 
 
+def _check_same_batch(workdir: str, batch_size: int) -> None:
+    """Refuses to resume a run recorded (its `config.json`) with another global batch size.
+
+    The step count, the epochs it means and the learning-rate schedule all follow from the
+    batch size, and so does the data iterator's position. (`grad_accum_steps` only splits the
+    same batch; it may change, e.g. to resume on a device with less memory.)
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            recorded = json.load(f).get("batch_size")
+    except (OSError, ValueError, AttributeError):  # unreadable: nothing to compare with
+        return
+    if recorded is not None and recorded != batch_size:
+        raise UserError(
+            f"{path}: the run in this workdir has batch_size {recorded}, this config "
+            f"{batch_size} (its epochs and learning-rate schedule would no longer match); "
+            f"resume with --config.batch_size={recorded}, or use a new workdir"
+        )
+
+
 def _init_from(
-    path: str, model: Any, state: step_lib.TrainState, sharding: step_lib.TrainState
+    path: str, loaded: dict[str, Any], state: step_lib.TrainState, sharding: step_lib.TrainState
 ) -> step_lib.TrainState:
-    """Copies matching tensors of a model directory/workdir into a fresh state."""
-    loaded = modelio.load_for_init(path, model)
+    """Copies the matching tensors of `loaded` (`modelio.load_for_init(path, …)`) into a fresh
+    state."""
     fresh = _to_host({"params": state.params, "batch_stats": state.batch_stats})
     try:
         merged, copied, kept = modelio.merge_for_init(fresh, loaded)
