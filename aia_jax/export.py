@@ -238,6 +238,10 @@ def export_checkpoint(
     crop_size = int(crop_size or settings["crop_size"])
     compute_dtype = jnp.dtype(dtype)
     model = modelio.create_model(meta, dtype=compute_dtype)
+    if class_names is None:
+        class_names = predict.find_class_names(checkpoint, meta)
+    if class_names is not None and len(class_names) != model.num_classes:
+        raise UserError(f"{len(class_names)} class names for a {model.num_classes}-class model")
     exported = export_model(
         model,
         variables,
@@ -246,8 +250,6 @@ def export_checkpoint(
         compute_dtype=compute_dtype,
         platforms=platforms,
     )
-    if class_names is None:
-        class_names = predict.find_class_names(checkpoint, meta)
     sidecar = make_sidecar(
         exported,
         meta={**meta, "checkpoint": os.path.abspath(checkpoint)},

@@ -176,13 +176,93 @@ def load_model(path: str, *, step: int | None = None) -> tuple[dict[str, PyTree]
     """
     meta = read_meta(path)
     if os.path.isdir(os.path.join(path, VARIABLES_DIR)):
+        if step is not None:
+            # A model directory holds one set of variables; ignoring the step would hand back
+            # another network than the one asked for without a word.
+            raise UserError(
+                f"step {step}: {path} is a model directory with one set of variables, not a "
+                "training workdir; leave out the step"
+            )
         tree = restore_numpy(os.path.abspath(os.path.join(path, VARIABLES_DIR)))
     else:
         from aia_jax.train import checkpoint  # a training workdir
 
+        if step is not None:
+            _check_step(path, step)
         tree, step = checkpoint.restore_variables(path, step=step)
         meta = {**meta, "step": step}
-    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}, meta
+    variables = {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
+    check_variables(path, variables, meta)
+    return variables, meta
+
+
+def _check_step(workdir: str, step: int) -> None:
+    """Raises `InputNotFoundError` when the workdir has no checkpoint of `step`.
+
+    Orbax would report the missing step as a damaged checkpoint (no `_METADATA`).
+    """
+    from aia_jax.train import checkpoint
+
+    ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+    try:
+        steps = sorted(ckpts.all_steps())
+    finally:
+        ckpts.close()
+    if step not in steps:
+        available = ", ".join(str(s) for s in steps) or "none"
+        raise InputNotFoundError(
+            f"step {step}: no such checkpoint in {checkpoint.checkpoint_dir(workdir)} "
+            f"(available steps: {available})"
+        )
+
+
+def check_variables(path: str, variables: Mapping[str, PyTree], meta: Mapping[str, Any]) -> None:
+    """Raises `UserError` unless `variables` have the paths and shapes of the network in `meta`.
+
+    Flax ignores variables the network does not use (a TSM run on TSM_CinST_BN variables drops
+    the attention without a word) and fails deep inside `apply` on a wrong shape, so a
+    `model.json` that disagrees with its variables is caught when they are loaded.
+    """
+    from aia_jax.convert import release
+
+    try:
+        model = create_model(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(
+            f"{os.path.join(path, MODEL_JSON)}: does not describe a network ({one_line(e)})"
+        ) from None
+    want = {
+        "/".join(k): tuple(v.shape)
+        for k, v in traverse_util.flatten_dict(release.variable_shapes(model)).items()
+    }
+    got = {
+        "/".join(k): tuple(np.shape(v))
+        for k, v in traverse_util.flatten_dict(
+            {c: variables.get(c, {}) for c in ("params", "batch_stats")}
+        ).items()
+    }
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    reshaped = [
+        f"{k} {got[k]} ({want[k]} expected)" for k in want if k in got and got[k] != want[k]
+    ]
+    if missing or unexpected or reshaped:
+        parts = [
+            f"{label} {len(keys)}, e.g. {', '.join(keys[:3])}"
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", reshaped),
+            )
+            if keys
+        ]
+        described = ", ".join(
+            f"{k} {meta[k]}" for k in ("depth", "width", "num_classes") if k in meta
+        )
+        raise UserError(
+            f"{path}: its variables are not those of the {meta['name']} ({described}) that "
+            f"{MODEL_JSON} describes: {'; '.join(parts)}"
+        )
 
 
 def load_for_init(path: str, model_or_meta: Any) -> dict[str, PyTree]:
@@ -236,14 +316,32 @@ def load_for_init(path: str, model_or_meta: Any) -> dict[str, PyTree]:
 def _load_torch_for_init(path: str, model: Any) -> dict[str, PyTree]:
     """torchvision ImageNet weights or a release checkpoint → variables of (a variant of) model."""
     from aia_jax import convert
+    from aia_jax.convert import release
 
     state_dict = convert.load_torch_checkpoint(path)
     if not convert.describe_torchvision(state_dict)["release"]:
         return convert.from_torchvision(state_dict, model)
-    # A release checkpoint: convert it with its own classifier size; the trainer then keeps
-    # its fresh classifier where the number of classes differs.
-    num_classes = convert.describe_checkpoint(state_dict)["num_classes"] or model.num_classes
-    return convert.from_torch(state_dict, model.clone(num_classes=num_classes))
+    # A release checkpoint: convert it into the variant of `model` it holds (its attention
+    # units, classifier layout and size); the trainer's merge then keeps fresh what differs
+    # (attention gates a plain network lacks, a classifier of another size or place).
+    found = convert.describe_checkpoint(state_dict)
+    placement = release.placement_of(found["units"], prefer=model.placement) or model.placement
+    dropout = model.dropout
+    if found["head"] == "fc":
+        dropout = 0.0  # the release's classifier is `base_model.fc` only without dropout
+    elif found["head"] == "new_fc" and dropout == 0:
+        dropout = 0.5
+    source = model.clone(
+        num_classes=found["num_classes"] or model.num_classes, placement=placement, dropout=dropout
+    )
+    if placement != model.placement:
+        logging.warning(
+            "init_from: %s holds attention placement %r, initialising placement %r from it.",
+            path,
+            placement,
+            model.placement,
+        )
+    return convert.from_torch(state_dict, source)
 
 
 def canonical_name(name: str) -> str:

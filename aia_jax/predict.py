@@ -6,7 +6,9 @@ Pre-processing is the release's validation protocol: `num_segments` frames at th
 centres (T from the model directory's `model.json`; a workdir trained with `dense3d` sampling
 uses its evenly spread clip instead), every frame resized as in training, one centre crop.
 Sizes come from the training config when the checkpoint is a workdir (`config.json`), else the
-release's defaults (resize to 240x320, crop 224); `--resize`/`--crop-size` override them.
+release's defaults (resize to 240x320, crop 224); `--resize`/`--crop-size` override them. A
+folder holding frames of several kinds (TSN/mmaction rawframes: `img_*` beside `flow_x_*`,
+`flow_y_*`) is read through `--filename-template` (default: the workdir config's).
 
 Class names: `--classnames FILE` (one per line), else what the checkpoint records (`model.json`
 `class_names`/`classnames`, or the workdir config's dataset), else class numbers.
@@ -45,6 +47,9 @@ DEFAULTS = {
     "sampling": "tsn",
     "clip_len": 0,
     "frame_interval": 8,
+    # Frame files to read from a folder holding several kinds (e.g. 'img_{:05d}.jpg' beside
+    # the flow_x_/flow_y_ files of TSN/mmaction rawframes); '' = all its images.
+    "filename_template": "",
 }
 CONFIG_FILE = "config.json"  # written by the trainer into a workdir
 
@@ -66,6 +71,11 @@ def preprocessing_settings(checkpoint: str, **overrides: Any) -> dict[str, Any]:
     settings = dict(DEFAULTS)
     data_cfg = (_training_config(checkpoint) or {}).get("data") or {}
     settings.update({k: data_cfg[k] for k in DEFAULTS if data_cfg.get(k) is not None})
+    if not settings["filename_template"] and data_cfg.get("preset"):
+        from aia_jax.data import presets
+
+        preset = presets.PRESETS.get(data_cfg["preset"])
+        settings["filename_template"] = preset.filename_template if preset else ""
     settings.update({k: v for k, v in overrides.items() if v is not None})
     settings["resize"] = tuple(int(x) for x in settings["resize"])
     return settings
@@ -114,11 +124,45 @@ def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def list_frames(folder: str) -> list[str]:
-    """The image files of a frame folder in natural sort order."""
+def _name_pattern(name: str) -> str | None:
+    """`img_*.jpg` for `img_00001.jpg`: the name with its last digit run starred (None: none)."""
+    pattern, count = re.subn(r"\d+(?=\D*$)", "*", name)
+    return pattern if count else None
+
+
+def _matches(name: str, template: str) -> bool:
+    """Whether `name` is `template.format(n)` for the number in it (`img_{:05d}.jpg`)."""
+    match = re.search(r"(\d+)(?=\D*$)", name)
+    try:
+        return match is not None and template.format(int(match.group(1))) == name
+    except (IndexError, KeyError, ValueError):
+        return False
+
+
+def list_frames(folder: str, filename_template: str = "") -> list[str]:
+    """The image files of a frame folder in natural sort order.
+
+    A folder with frames of several name patterns (TSN/mmaction rawframes keep `img_*.jpg`
+    beside the optical flow's `flow_x_*.jpg` and `flow_y_*.jpg`) would mix them into one clip:
+    there only the files matching `filename_template` (e.g. 'img_{:05d}.jpg') are read, and
+    without one it is refused.
+    """
     files = [f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise InputNotFoundError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    patterns = sorted({p for p in map(_name_pattern, files) if p is not None})
+    if len(patterns) > 1:
+        if not filename_template:
+            raise UserError(
+                f"{folder}: holds frames of several name patterns ({', '.join(patterns)}); "
+                "choose one with --filename-template, e.g. --filename-template 'img_{:05d}.jpg'"
+            )
+        files = [f for f in files if _matches(f, filename_template)]
+        if not files:
+            raise InputNotFoundError(
+                f"{folder}: no frame file matches the filename template {filename_template!r} "
+                f"(name patterns found: {', '.join(patterns)})"
+            )
     return [os.path.join(folder, f) for f in sorted(files, key=_natural_key)]
 
 
@@ -142,7 +186,7 @@ def read_clip(path: str, num_segments: int, settings: Mapping[str, Any]) -> np.n
 
     pick = functools.partial(frame_indices, num_segments=num_segments, settings=settings)
     if os.path.isdir(path):
-        files = list_frames(path)
+        files = list_frames(path, settings.get("filename_template", ""))
         indices = pick(len(files))
         frames = {int(i): decode.read_image(files[int(i)]) for i in np.unique(indices)}
         clip = decode.gather(indices, frames, path)
@@ -217,8 +261,12 @@ def predict(
     top: int = 5,
     resize: Sequence[int] | None = None,
     crop_size: int | None = None,
+    filename_template: str | None = None,
 ) -> dict[str, Any]:
     """Top classes of one video file or frame folder under a model directory or workdir.
+
+    `filename_template` (default: the workdir config's) picks the frames of a folder holding
+    several kinds of image files (see `list_frames`).
 
     Returns:
       `{'video', 'checkpoint', 'num_segments', 'settings', 'logits' [K], 'top': [...]}` with the
@@ -228,7 +276,9 @@ def predict(
 
     variables, meta = modelio.load_model(checkpoint)
     model = modelio.create_model(meta)
-    settings = preprocessing_settings(checkpoint, resize=resize, crop_size=crop_size)
+    settings = preprocessing_settings(
+        checkpoint, resize=resize, crop_size=crop_size, filename_template=filename_template
+    )
     clip = read_clip(video, model.num_segments, settings)
     logits = predict_clip(model, variables, clip)[0]
     if class_names is None:
@@ -278,6 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--resize", type=_height_width, default=None, help="H,W every frame is resized to first"
     )
     parser.add_argument("--crop-size", type=positive_int, default=None, help="centre crop side")
+    parser.add_argument(
+        "--filename-template",
+        default=None,
+        help="frame files to read from a folder holding several kinds, e.g. 'img_{:05d}.jpg' "
+        "(default: the workdir config's)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     with reported_as_usage_errors(parser.prog):
@@ -289,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             top=args.top,
             resize=args.resize,
             crop_size=args.crop_size,
+            filename_template=args.filename_template,
         )
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "logits"}, indent=2))

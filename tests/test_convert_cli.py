@@ -386,3 +386,39 @@ def test_subprocess_help_and_error_exit(tmp_path, cinst_file):
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_double_module_prefix_keeps_the_width(tmp_path, capsys, cinst_file):
+    """A network wrapped twice in DataParallel: the width is read from its conv1 all the same."""
+    state = torch.load(cinst_file, weights_only=True)
+    state["state_dict"] = OrderedDict(("module." + k, v) for k, v in state["state_dict"].items())
+    torch.save(state, tmp_path / "double.pth.tar")
+    _torch2flax(capsys, tmp_path / "double.pth.tar", "TSM_CinST_BN", tmp_path / "m")
+    assert modelio.read_meta(str(tmp_path / "m"))["width"] == 8
+
+
+def test_help_says_legacy_files_are_read_without_torch():
+    from aia_jax.convert.__main__ import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "PyTorch is needed only to write .pth files" in text
+    assert "to read pre-1.6" not in text
+
+
+def test_init_from_a_release_file_of_another_variant(tmp_path):
+    """init_from a plain release network into an attention network (and a dropout-0 head into
+    a dropout-0.5 one): what both have is copied, the rest keeps its fresh value."""
+    meta = modelio.model_meta(
+        "TSM_CinST_BN", num_classes=7, num_segments=SEGMENTS, depth=14, width=8, dropout=0.5
+    )
+    fresh = jax.tree.map(
+        lambda s: np.zeros(s.shape, s.dtype),
+        release.variable_shapes(modelio.create_model(meta)),
+    )
+    _, plain = _release_file(tmp_path / "plain.pth.tar", "TSM")
+    merged, copied, kept = modelio.merge_for_init(fresh, modelio.load_for_init(str(plain), meta))
+    assert kept and all("/eft/" in k for k in kept)
+    assert "params/base_model/conv1/kernel" in copied and "params/new_fc/kernel" in copied
+    _, fc = _release_file(tmp_path / "fc.pth.tar", "TSM_CinST_BN", dropout=0)
+    _, copied, kept = modelio.merge_for_init(fresh, modelio.load_for_init(str(fc), meta))
+    assert sorted(kept) == ["params/new_fc/bias", "params/new_fc/kernel"]

@@ -330,12 +330,12 @@ def test_cli(setup, tmp_path, capsys):
     assert results["metrics"]["top1"] == expected["metrics"]["top1"]
 
 
-def test_training_workdir_uses_its_best_checkpoint(setup, tmp_path, capsys):
+def _make_workdir(setup, workdir):
+    """A training workdir with `ck1` at step 1 (the best) and `ck2` at step 2."""
     from aia_jax.train.checkpoint import Checkpoints
     from aia_jax.train.step import TrainState
 
     _, cfg, ck1, ck2 = setup
-    workdir = tmp_path / "run"
     ckpts = Checkpoints(str(workdir), async_save=False)
     for step, (ck, top1) in enumerate([(ck1, 0.9), (ck2, 0.1)], start=1):  # the best is step 1
         variables, meta = modelio.load_model(ck)
@@ -351,12 +351,32 @@ def test_training_workdir_uses_its_best_checkpoint(setup, tmp_path, capsys):
     modelio.write_meta(str(workdir), meta)
     (workdir / "config.json").write_text(json.dumps({"data": cfg.to_dict()}))
 
+
+def test_training_workdir_uses_its_best_checkpoint(setup, tmp_path, capsys):
+    _, cfg, ck1, _ = setup
+    workdir = tmp_path / "run"
+    _make_workdir(setup, workdir)
+
     r = evaluate.evaluate(cfg, [str(workdir)])
     assert r["checkpoints"][0]["step"] == 1
     np.testing.assert_allclose(r["scores"], evaluate.evaluate(cfg, [ck1])["scores"])
     # Without --config the CLI reads the workdir's config.json.
     evaluate.main(["evaluate", "--checkpoint", str(workdir)])
     assert f"top-1 {100 * r['metrics']['top1']:.2f}%" in capsys.readouterr().out
+
+
+def test_step_that_does_not_exist_or_of_a_model_directory(setup, tmp_path):
+    """Orbax reports a missing step as a damaged checkpoint; a model directory has no steps."""
+    workdir = tmp_path / "run"
+    _make_workdir(setup, workdir)
+    assert modelio.load_model(str(workdir), step=2)[1]["step"] == 2
+    with pytest.raises(
+        modelio.InputNotFoundError,
+        match=r"step 7: no such checkpoint in .*run/checkpoints \(available steps: 1, 2\)",
+    ):
+        modelio.load_model(str(workdir), step=7)
+    with pytest.raises(UserError, match=r"step 1: .* is a model directory .* leave out the step"):
+        modelio.load_model(setup[2], step=1)
 
 
 def test_damaged_checkpoint_is_one_error(tmp_path, capfd):

@@ -119,3 +119,68 @@ def test_export_names_unknown_platforms_and_foreign_files(model_dir, tmp_path, c
     garbage.write_bytes(b"not an exported model" * 10)
     with pytest.raises(export.UserError, match="garbage.jaxexport: not a model exported by"):
         export.load_exported(str(garbage))
+
+
+def _fails(main, argv, capsys) -> str:
+    """The one-line error of a command that must exit with status 2."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_model_json_that_disagrees_with_the_variables_is_refused(model_dir, tmp_path, capsys):
+    """Flax would ignore the attention tensors under a plain name (wrong scores, no error) and
+    fail deep inside `apply` on a wrong class count."""
+    import shutil
+
+    meta = modelio.read_meta(model_dir)
+    for change, expected in [
+        ({"name": "TSM"}, r"TSM .* unexpected \d+, e\.g\. params/base_model/layer1_0/eft/"),
+        ({"num_classes": 9}, r"wrong shape 2, e\.g\. params/new_fc/bias \(4,\) \(\(9,\) expected"),
+    ]:
+        path = str(tmp_path / next(iter(change)))
+        shutil.copytree(model_dir, path)
+        modelio.write_meta(path, {**meta, **change})
+        with pytest.raises(modelio.UserError, match=f"{path}: its variables are not .*{expected}"):
+            modelio.load_model(path)
+        line = _fails(predict.main, ["--checkpoint", path, str(tmp_path)], capsys)
+        assert "model.json describes" in line
+
+
+def test_export_refuses_class_names_of_another_length(model_dir, tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\nc\n")
+    path = str(tmp_path / "model.jaxexport")
+    argv = ["--checkpoint", model_dir, "--output", path, "--classnames", str(names)]
+    line = _fails(export.main, argv, capsys)
+    assert line.endswith("error: 3 class names for a 4-class model")
+    assert not os.path.exists(path)
+
+
+def test_predict_rawframes_folder_with_flow_files(model_dir, tmp_path, capsys):
+    """TSN/mmaction rawframes keep `img_*` beside `flow_x_*`/`flow_y_*`: only one kind is read."""
+    folder = tmp_path / "v_x"
+    folder.mkdir()
+    for f in range(16):
+        Image.fromarray(testing.frame_pixels(3, f, (36, 44))).save(folder / f"img_{f + 1:05d}.png")
+        for axis in "xy":
+            flow = np.full((36, 44), 255, np.uint8)
+            Image.fromarray(flow).save(folder / f"flow_{axis}_{f + 1:05d}.png")
+    line = _fails(predict.main, ["--checkpoint", model_dir, str(folder)], capsys)
+    assert "several name patterns (flow_x_*.png, flow_y_*.png, img_*.png)" in line
+    assert "--filename-template" in line
+
+    settings = predict.preprocessing_settings(
+        model_dir, resize=(36, 44), crop_size=S, filename_template="img_{:05d}.png"
+    )
+    np.testing.assert_array_equal(
+        testing.frame_ids(predict.read_clip(str(folder), T, settings)[0]), [2, 6, 10, 14]
+    )
+    argv = ["--checkpoint", model_dir, "--resize", "36,44", "--crop-size", str(S)]
+    predict.main([*argv, "--filename-template", "img_{:05d}.png", str(folder)])
+    assert "4 frames (segment centres)" in capsys.readouterr().out
+    line = _fails(predict.main, [*argv, "--filename-template", "{:05d}.jpg", str(folder)], capsys)
+    assert "no frame file matches the filename template '{:05d}.jpg'" in line

@@ -27,8 +27,8 @@ commands:
               model directory whose backbone starts from ImageNet (C2D, TSM or I3D)
 
 A model directory (model.json + an Orbax checkpoint) is what the trainer's init_from and the
-evaluator read. PyTorch is not needed except to write .pth files and to read pre-1.6
-(non-zip) .pth files.
+evaluator read. PyTorch is needed only to write .pth files; every .pth file (zip or legacy
+pre-1.6 format) and .safetensors file is read without it.
 """
 
 EXAMPLES = """\
@@ -259,6 +259,9 @@ def torch2flax(args: argparse.Namespace) -> str:
     name = _canonical(args.name, allow_i3d=False)
     _fresh_output(args.output)
     state_dict, info = convert.read_checkpoint(args.checkpoint)
+    # Keys as `from_torch` reads them: a checkpoint of a model wrapped twice in DataParallel
+    # keeps one `module.` after reading, and the width lookup below must see through it.
+    state_dict = convert.strip_prefix(state_dict)
     found = convert.describe_checkpoint(state_dict)
     if found["head"] is None and convert.describe_torchvision(state_dict)["width"] is not None:
         raise CliError(

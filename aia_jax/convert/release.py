@@ -153,11 +153,28 @@ def describe_checkpoint(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _expected_units(model: VideoNet) -> dict[str, list[str]]:
+    return _placement_units(model.placement)
+
+
+def _placement_units(placement: str) -> dict[str, list[str]]:
     from aia_jax.models.attention import PLACEMENTS, UNIT_GATES
 
-    units, _ = PLACEMENTS[model.placement]
+    units, _ = PLACEMENTS[placement]
     slots = ["eft"] if len(units) == 1 else ["eft1", "eft2"][: len(units)]
     return {slot: sorted(UNIT_GATES[u]) for slot, u in zip(slots, units, strict=False)}
+
+
+def placement_of(units: Mapping[str, list[str]], prefer: str = "none") -> str | None:
+    """A placement with the attention `units` that `describe_checkpoint` found, or None.
+
+    Placements with the same units (CinST and STinC, …) have the same variables and cannot be
+    told apart by the keys: `prefer` is returned when it is one of them.
+    """
+    from aia_jax.models.attention import PLACEMENTS
+
+    units = dict(units)
+    matching = [p for p in PLACEMENTS if _placement_units(p) == units]
+    return prefer if prefer in matching else next(iter(matching), None)
 
 
 def _cross_check(state_dict: Mapping[str, Any], model: VideoNet) -> list[str]:
