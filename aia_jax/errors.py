@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,26 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
     return value
+
+
+def unknown_field(node: Any, known: Any, prefix: str = "", skip: Sequence[str] = ()) -> str | None:
+    """The first field of config `node` that `known` (its defaults) lacks, as a message, or None.
+
+    Nested configs are walked, except the fields named in `skip` (full paths without `prefix`'s
+    'config.'), which another part checks. The message names the field and suggests the closest
+    known one: `config.num_epoch: no such field (did you mean config.num_epochs?)`.
+    """
+    for key in node.keys():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known.keys()), n=1)
+            hint = f" (did you mean config.{prefix}{close[0]}?)" if close else ""
+            return f"config.{prefix}{key}: no such field{hint}"
+        child, schema = node[key], known[key]
+        if f"{prefix}{key}" not in skip and hasattr(child, "keys") and hasattr(schema, "keys"):
+            message = unknown_field(child, schema, f"{prefix}{key}.", skip)
+            if message:
+                return message
+    return None
 
 
 def one_line(error: BaseException) -> str:

@@ -187,33 +187,11 @@ def load_model(path: str, *, step: int | None = None) -> tuple[dict[str, PyTree]
     else:
         from aia_jax.train import checkpoint  # a training workdir
 
-        if step is not None:
-            _check_step(path, step)
         tree, step = checkpoint.restore_variables(path, step=step)
         meta = {**meta, "step": step}
     variables = {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
     check_variables(path, variables, meta)
     return variables, meta
-
-
-def _check_step(workdir: str, step: int) -> None:
-    """Raises `InputNotFoundError` when the workdir has no checkpoint of `step`.
-
-    Orbax would report the missing step as a damaged checkpoint (no `_METADATA`).
-    """
-    from aia_jax.train import checkpoint
-
-    ckpts = checkpoint.Checkpoints(workdir, read_only=True)
-    try:
-        steps = sorted(ckpts.all_steps())
-    finally:
-        ckpts.close()
-    if step not in steps:
-        available = ", ".join(str(s) for s in steps) or "none"
-        raise InputNotFoundError(
-            f"step {step}: no such checkpoint in {checkpoint.checkpoint_dir(workdir)} "
-            f"(available steps: {available})"
-        )
 
 
 def check_variables(path: str, variables: Mapping[str, PyTree], meta: Mapping[str, Any]) -> None:
@@ -326,13 +304,10 @@ def _load_torch_for_init(path: str, model: Any) -> dict[str, PyTree]:
     # (attention gates a plain network lacks, a classifier of another size or place).
     found = convert.describe_checkpoint(state_dict)
     placement = release.placement_of(found["units"], prefer=model.placement) or model.placement
-    dropout = model.dropout
-    if found["head"] == "fc":
-        dropout = 0.0  # the release's classifier is `base_model.fc` only without dropout
-    elif found["head"] == "new_fc" and dropout == 0:
-        dropout = 0.5
     source = model.clone(
-        num_classes=found["num_classes"] or model.num_classes, placement=placement, dropout=dropout
+        num_classes=found["num_classes"] or model.num_classes,
+        placement=placement,
+        dropout=release.head_dropout(found["head"], model.dropout),
     )
     if placement != model.placement:
         logging.warning(

@@ -254,7 +254,7 @@ def _canonical(name: str, *, allow_i3d: bool) -> str:
 def torch2flax(args: argparse.Namespace) -> str:
     """The `torch2flax` command; returns the summary line."""
     from aia_jax import convert, modelio
-    from aia_jax.convert.release import leading_dim
+    from aia_jax.convert.release import head_dropout, leading_dim
 
     name = _canonical(args.name, allow_i3d=False)
     _fresh_output(args.output)
@@ -278,7 +278,7 @@ def torch2flax(args: argparse.Namespace) -> str:
     width = args.width or (
         leading_dim(conv1, "base_model.conv1.weight", 4) if conv1 is not None else 64
     )
-    dropout = args.dropout if args.dropout is not None else 0.0 if found["head"] == "fc" else 0.5
+    dropout = args.dropout if args.dropout is not None else head_dropout(found["head"], 0.5)
     create_args = dict(
         num_classes=num_classes,
         num_segments=args.num_segments,

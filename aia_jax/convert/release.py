@@ -164,6 +164,19 @@ def _placement_units(placement: str) -> dict[str, list[str]]:
     return {slot: sorted(UNIT_GATES[u]) for slot, u in zip(slots, units, strict=False)}
 
 
+def head_dropout(head: str | None, dropout: float) -> float:
+    """A dropout whose classifier sits where a checkpoint's `head` ('fc', 'new_fc' or None) is.
+
+    The release puts the classifier at `base_model.fc` only when dropout is 0, else at `new_fc`
+    (with 0.5, the release's value, in place of a 0); `dropout` is kept where it fits.
+    """
+    if head == "fc":
+        return 0.0
+    if head == "new_fc" and dropout == 0:
+        return 0.5
+    return dropout
+
+
 def placement_of(units: Mapping[str, list[str]], prefer: str = "none") -> str | None:
     """A placement with the attention `units` that `describe_checkpoint` found, or None.
 

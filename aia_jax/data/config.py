@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import json
 import os
@@ -15,6 +14,7 @@ from ml_collections import config_dict
 
 from aia_jax.data import presets, sources
 from aia_jax.data.errors import DataError
+from aia_jax.errors import unknown_field
 
 SOURCES = ("synthetic", "frames", "videos", "tfds")
 SPLITS = ("train", "val", "test")
@@ -72,12 +72,9 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """
     c = ml_collections.ConfigDict(config.to_dict())
     # A config file's misspelt field would otherwise be ignored (the command line rejects it).
-    known = get_config()
-    for key in c:
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
-            hint = f" (did you mean config.data.{close[0]}?)" if close else ""
-            raise DataError(f"config.data.{key}: no such field{hint}")
+    unknown = unknown_field(c, get_config(), "data.")
+    if unknown:
+        raise DataError(unknown)
     if c.source not in SOURCES:
         raise DataError(f"config.data.source {c.source!r}: expected one of {SOURCES}")
     preset_name = c.preset or ("synthetic" if c.source == "synthetic" else "")

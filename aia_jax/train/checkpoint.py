@@ -221,6 +221,13 @@ def restore_variables(workdir: str, *, step: int | None = None) -> tuple[dict[st
             step = ckpts.latest_step() if step is None else step
         if step is None:
             raise InputNotFoundError(f"no checkpoint in {ckpts.directory}")
+        steps = sorted(ckpts.all_steps())
+        if step not in steps:  # Orbax would report it as a damaged checkpoint (no _METADATA)
+            available = ", ".join(str(s) for s in steps) or "none"
+            raise InputNotFoundError(
+                f"step {step}: no such checkpoint in {ckpts.directory} "
+                f"(available steps: {available})"
+            )
         path = os.path.join(ckpts.directory, str(step), STATE)
         with _without_orbax_warnings(*_READ_ONLY_NOTICES):
             restored = modelio.restore_numpy(path, keys=("params", "batch_stats"))

@@ -7,9 +7,9 @@ silently ignored. The `data` block is `aia_jax.data.get_config()`, checked by `d
 
 from __future__ import annotations
 
-import difflib
-
 import ml_collections
+
+from aia_jax import errors
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -71,24 +71,4 @@ def unknown_field(config: ml_collections.ConfigDict) -> str | None:
 
     The `data` block is left to `aia_jax.data.resolve`.
     """
-    return _unknown(config, get_config(), "")
-
-
-def _unknown(
-    node: ml_collections.ConfigDict, known: ml_collections.ConfigDict, prefix: str
-) -> str | None:
-    for key in node.keys():
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known.keys()), n=1)
-            hint = f" (did you mean config.{prefix}{close[0]}?)" if close else ""
-            return f"config.{prefix}{key}: no such field{hint}"
-        if f"{prefix}{key}" == "data":
-            continue
-        child, schema = node[key], known[key]
-        if isinstance(child, ml_collections.ConfigDict) and isinstance(
-            schema, ml_collections.ConfigDict
-        ):
-            message = _unknown(child, schema, f"{prefix}{key}.")
-            if message:
-                return message
-    return None
+    return errors.unknown_field(config, get_config(), skip=("data",))

@@ -111,14 +111,12 @@ def check_batch_size(
         raise UserError(
             f"{name} {global_batch_size} is not divisible by grad_accum_steps {grad_accum_steps}"
         )
-    if micro % mesh.size and grad_accum_steps == 1:
+    if micro % mesh.size:
         raise UserError(
             f"{name} {global_batch_size} cannot be split evenly over {mesh.size} devices; pick "
             f"a multiple of {mesh.size}"
-        )
-    if micro % mesh.size:
-        raise UserError(
-            f"each accumulation step takes {micro} clips ({name} {global_batch_size} / "
+            if grad_accum_steps == 1
+            else f"each accumulation step takes {micro} clips ({name} {global_batch_size} / "
             f"grad_accum_steps {grad_accum_steps}), which {mesh.size} devices cannot share "
             f"evenly; pick a {name} that is a multiple of devices × grad_accum_steps"
         )
