@@ -150,8 +150,11 @@ def describe_protocol(
         )
     if num_checkpoints > 1:
         text += f", then over {num_checkpoints} checkpoints (ensemble)"
+    examples = data.describe_split(c, split)
+    text += f"; videos: {examples}"
     return {
         "split": split,
+        "examples": examples,
         "sampling": c.sampling,
         "num_segments": lengths[0] if len(lengths) == 1 else lengths,
         "test_clips": c.test_clips,

@@ -231,6 +231,22 @@ def test_metrics_hand_made():
     assert unbalanced["mean_class_accuracy"] == pytest.approx(0.25)  # (0 + 0.5) / 2
 
 
+def test_protocol_names_the_list_it_reads(setup):
+    """`--split test` without a test list reads the val list: the protocol says which file."""
+    root, cfg, _, _ = setup
+    val_list = os.path.join(str(root / "data"), "val.txt")
+    val = evaluate.describe_protocol(cfg, split="val")
+    assert val["examples"] == val_list
+    assert val["description"].endswith(f"; videos: {val_list}")
+    test = evaluate.describe_protocol(cfg, split="test")
+    assert test["examples"] == f"{val_list} (config.data.test_list is empty: the val list)"
+    cfg_test = data_config(root / "data", test_list="test.txt")
+    named = evaluate.describe_protocol(cfg_test, split="test")["examples"]
+    assert named == os.path.join(str(root / "data"), "test.txt")
+    synthetic = evaluate.describe_protocol(data.get_config(), split="val")["examples"]
+    assert synthetic == "the synthetic dataset's 'validation' split"
+
+
 def test_report_files(setup, tmp_path):
     _, cfg, ck1, _ = setup
     out = tmp_path / "report"

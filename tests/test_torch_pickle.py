@@ -344,6 +344,37 @@ def test_non_tensor_state_dict_entry(tmp_path: Path) -> None:
         load_torch_checkpoint(path)
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_numpy_values_in_the_wrapper(tmp_path: Path, legacy: bool) -> None:
+    """A wrapper with numpy metrics (`best_prec1` as np.float64, an array of per-class
+    accuracies) reads like torch.load with numpy's globals allowed; object arrays do not."""
+    path = tmp_path / "ckpt.pth.tar"
+    accuracies = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3) / 7)
+    obj = {
+        "epoch": np.int64(12),
+        "state_dict": {"module.w": torch.ones(2)},
+        "best_prec1": np.float64(41.25),
+        "per_class": accuracies,
+        "seen": np.bool_(True),
+    }
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+    got = load(path)
+    for key in ("epoch", "best_prec1", "seen"):
+        assert type(got[key]) is type(obj[key]) and got[key] == obj[key], key
+    assert got["per_class"].dtype == np.float32
+    np.testing.assert_array_equal(got["per_class"], accuracies)
+    state_dict, info = convert.read_checkpoint(path)
+    assert info == {"epoch": 12, "best_prec1": 41.25}
+    assert type(info["epoch"]) is int and type(info["best_prec1"]) is float
+    np.testing.assert_array_equal(state_dict["w"], np.ones(2, np.float32))
+
+    evil = tmp_path / "objects.pth"
+    torch.save({"state_dict": {}, "x": np.array([_Evil(tmp_path / MARKER_NAME)], object)}, evil)
+    with pytest.raises(CheckpointError, match="refusing numpy dtype 'O8'"):
+        load(evil)
+    assert not (tmp_path / MARKER_NAME).exists()
+
+
 # ---------------------------------------------------------------- legacy (pre-1.6) format
 
 

@@ -199,6 +199,31 @@ def test_partial_bn_freezes_statistics_and_parameters():
     )
 
 
+def test_logged_grad_norm_leaves_out_frozen_batchnorms():
+    """With partial BN the logged norm is the one clipping sees, not the frozen BNs' too."""
+    state, fn = setup(partial_bn=True, dropout=0.0)
+    b = batch(8)
+    _, (metrics,) = run_steps(state, fn, [b], jax.devices()[:1])
+    model = models.create(
+        "TSM_CinST_BN", num_classes=CLASSES, num_segments=T, depth=14, width=8, dropout=0.0,
+        partial_bn=True,
+    )  # fmt: skip
+
+    def loss(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        clips = normalize(jnp.asarray(b["video"]), jnp.float32)
+        logits, _ = model.apply(variables, clips, train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b["label"]).mean()
+
+    grads = jax.grad(loss)(state.params)
+    labels = jax.tree.leaves(optim.param_labels(grads, partial_bn=True))
+    squares = {"frozen": 0.0, "used": 0.0}
+    for g, label in zip(jax.tree.leaves(grads), labels):
+        squares["frozen" if label == "frozen" else "used"] += float(np.sum(np.square(g)))
+    assert squares["frozen"] > 1e-3 * squares["used"]  # would show in the norm
+    np.testing.assert_allclose(metrics["grad_norm"], np.sqrt(squares["used"]), rtol=1e-4)
+
+
 def test_bfloat16_compute_keeps_float32_state():
     """bf16 TSM+CinST through the trainer's step (test_models covers bf16 C2D and I3D): a
     finite loss and gradient, the gates learn, and the state stays float32."""

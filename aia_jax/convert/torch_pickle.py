@@ -17,7 +17,9 @@ equivalents. (The tar format of the earliest PyTorch releases is not read;
 
 Unpickling runs code named by the file, so the unpickler only resolves an allow-list of globals
 (the tensor rebuild functions, the storage and dtype names, ``OrderedDict`` and a few builtins
-that protocol 2 needs to spell bytes and sets); every other global is refused with
+that protocol 2 needs to spell bytes and sets, and numpy scalars and arrays of bool, integer,
+float and complex dtypes, which `torch.load` with numpy's globals allowed reads too); every other
+global, and a numpy object or structured dtype, is refused with
 :class:`CheckpointError` before anything is called. Tensor views are bounds-checked against
 their storage before ``as_strided`` so that a crafted file cannot read outside its buffers.
 """
@@ -261,6 +263,49 @@ def _torch_size(dims: Any = ()) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
+# numpy values of plain (bool, integer, float, complex) dtypes: `best_prec1` saved as a numpy
+# float, say, or a numpy array of metrics. Object and structured dtypes are refused: their
+# pickles name further globals and run `__setstate__` on arbitrary data.
+_NUMPY_KINDS = "biufc"
+
+
+def _numpy_dtype(name: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    try:
+        dtype = np.dtype(name) if isinstance(name, str) else None
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in _NUMPY_KINDS or align:
+        raise _Refused(f"refusing numpy dtype {name!r}: only bool, integer, float, complex")
+    del copy  # always a copy: pickle's BUILD then sets its byte order on ours, not numpy's
+    return np.dtype(dtype, copy=True)
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMPY_KINDS:
+        raise _Refused("numpy scalar of a refused dtype")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise _Refused("numpy scalar with malformed data")
+    return np.frombuffer(data, dtype)[0]
+
+
+def _numpy_reconstruct(cls: Any, shape: Any, code: Any) -> np.ndarray:
+    # An empty array that pickle's BUILD fills (ndarray.__setstate__ with a dtype from
+    # `_numpy_dtype`, hence never an object array).
+    if cls is not np.ndarray:
+        raise _Refused("numpy array reconstruction of another class")
+    del shape, code
+    return np.ndarray((0,), np.uint8)
+
+
+def _numpy_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    # Protocol 5's form of an array.
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMPY_KINDS:
+        raise _Refused("numpy array of a refused dtype")
+    if not isinstance(buf, bytes | bytearray) or order not in ("C", "F"):
+        raise _Refused("numpy array with malformed data")
+    return np.frombuffer(buf, dtype).reshape(_torch_size(shape), order=order).copy(order="K")
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     # PyTorch < 0.4 pickled tensors as _rebuild_tensor(storage, offset, size, stride).
@@ -277,6 +322,15 @@ for _module in ("builtins", "__builtin__"):
     _ALLOWED[(_module, "set")] = set
     _ALLOWED[(_module, "frozenset")] = frozenset
     _ALLOWED[(_module, "complex")] = complex
+# numpy >= 2 pickles under `numpy._core`, older numpy under `numpy.core`.
+for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    _ALLOWED[(_module, "scalar")] = _Callable(_numpy_scalar)
+    _ALLOWED[(_module, "_reconstruct")] = _Callable(_numpy_reconstruct)
+    _ALLOWED[(_module.replace("multiarray", "numeric"), "_frombuffer")] = _Callable(
+        _numpy_frombuffer
+    )
+_ALLOWED[("numpy", "dtype")] = _Callable(_numpy_dtype)
+_ALLOWED[("numpy", "ndarray")] = np.ndarray
 for _name, _dt in _LEGACY_STORAGES.items():
     _ALLOWED[("torch", _name)] = _StorageType(_name, _dt)
 _ALLOWED[("torch.storage", "UntypedStorage")] = _ALLOWED[("torch", "UntypedStorage")]

@@ -5,7 +5,7 @@ eval adds a views axis, `video` `[b, V, T, H, W, 3]`, and `index`, `valid`); `to
 them global `jax.Array`s and `normalize` turns pixels into network input on the device.
 """
 
-from aia_jax.data.config import class_names, get_config, num_classes, resolve
+from aia_jax.data.config import class_names, describe_split, get_config, num_classes, resolve
 from aia_jax.data.device import normalize, to_global
 from aia_jax.data.errors import (
     BadSampleError,
@@ -32,6 +32,7 @@ __all__ = [
     "bad_sample_count",
     "bad_samples",
     "class_names",
+    "describe_split",
     "eval_view_shape",
     "eval_views",
     "get_config",

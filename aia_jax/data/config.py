@@ -52,7 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.scales = (1.0, 0.875, 0.75, 0.66)  # multi-scale crop sizes, fractions of the short side
     c.flip = True  # random horizontal flip in training (labels through flip_map)
     # Label pairs a horizontal flip swaps, ((86, 87), …); None = the preset's, () = none. A
-    # typed placeholder, so `--config.data.flip_map='((86, 87),)'` overrides it.
+    # typed placeholder, so `--config.data.flip_map='((86, 87),)'` overrides it; for the same
+    # reason a dict is refused here: give its pairs, `tuple(d.items())`.
     c.flip_map = config_dict.placeholder(tuple)
     c.num_workers = 2  # worker processes; 0 = read in this process
     c.prefetch_buffer = 2  # host batches read ahead
@@ -180,6 +181,20 @@ def list_path(c: ml_collections.ConfigDict, split: str) -> str:
     if not path:
         raise DataError(f"config.data.{split}_list is empty (source {c.source!r})")
     return _path(c, path)
+
+
+def describe_split(config: ml_collections.ConfigDict, split: str) -> str:
+    """Where `split`'s videos come from, in words: the list file, folder or TFDS split."""
+    c = resolve(config)
+    if c.source == "synthetic":
+        return f"the synthetic dataset's {'train' if split == 'train' else 'validation'!r} split"
+    if c.source == "tfds":
+        tfds_split = {"train": c.train_split, "val": c.val_split, "test": c.test_split}[split]
+        return f"TFDS {c.tfds_name} split {tfds_split!r}"
+    text = list_path(c, split)
+    if split == "test" and not c.test_list:
+        text += " (config.data.test_list is empty: the val list)"
+    return text
 
 
 def make_source(config: ml_collections.ConfigDict, split: str) -> sources.Source:

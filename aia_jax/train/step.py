@@ -19,6 +19,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from aia_jax.train import mesh as mesh_lib
+from aia_jax.train import optim
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -50,6 +51,15 @@ def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
+def _trainable_norm(grads: PyTree, *, partial_bn: bool) -> jax.Array:
+    """Global norm of the gradients the optimiser uses (frozen BatchNorms have one, unused)."""
+    if not partial_bn:
+        return optax.tree.norm(grads)
+    labels = jax.tree.leaves(optim.param_labels(grads, partial_bn=True))
+    used = [g for g, label in zip(jax.tree.leaves(grads), labels) if label != "frozen"]
+    return optax.tree.norm(used)
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -75,8 +85,9 @@ def make_train_step(
 
     Returns:
       `step(state, batch) -> (state, metrics)`; metrics are scalar float32: `loss` (mean
-      cross-entropy), `top1` (fraction correct), `grad_norm` (global norm before clipping),
-      `param_norm` (after the update; non-finite when the update was).
+      cross-entropy), `top1` (fraction correct), `grad_norm` (global norm before clipping, of
+      the gradients clipping sees: partial BN's frozen BatchNorms left out), `param_norm`
+      (after the update; non-finite when the update was).
     """
 
     def forward(params, batch_stats, video, labels, rng):
@@ -121,7 +132,7 @@ def make_train_step(
             (grads, batch_stats, loss, top1), _ = jax.lax.scan(body, init, micro)
             grads = jax.tree.map(lambda g: g / a, grads)
             loss, top1 = loss / a, top1 / a
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = _trainable_norm(grads, partial_bn=bool(getattr(model, "partial_bn", False)))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
