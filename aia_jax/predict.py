@@ -13,8 +13,10 @@ folder holding frames of several kinds (TSN/mmaction rawframes: `img_*` beside `
 Class names: `--classnames FILE` (one per line), else what the checkpoint records (`model.json`
 `class_names`/`classnames`, or the workdir config's dataset), else class numbers.
 
-A live webcam stream is out of scope: decode frames yourself and call `predict_clip` on
-`[1, T, S, S, 3]` uint8 clips (or serve an `aia_jax.export` artefact).
+A live stream (a webcam, a network stream, or a file read as one) is classified over a sliding
+window with `--stream` (see `aia_jax.stream`):
+
+    python -m aia_jax.predict --checkpoint DIR --stream /dev/video0 --input-format v4l2
 """
 
 from __future__ import annotations
@@ -315,12 +317,34 @@ def _height_width(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def _input_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. framerate=30")
+    return key, value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="python -m aia_jax.predict",
-        description="Top-k classes of one video file or frame folder.",
+        description="Top-k classes of one video file or frame folder, or of a live stream "
+        "over a sliding window (--stream).",
     )
-    parser.add_argument("video", help="video file (mp4, webm, …) or folder of frame images")
+    parser.add_argument(
+        "video",
+        help="video file (mp4, webm, …) or folder of frame images; with --stream, what FFmpeg "
+        "opens: a file, a URL, or a device (/dev/video0 with --input-format v4l2)",
+    )
     parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
     parser.add_argument("--classnames", default=None, help="file with one class name per line")
     parser.add_argument("--top", type=positive_int, default=5, help="how many classes to print")
@@ -335,7 +359,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(default: the workdir config's)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    live = parser.add_argument_group("streams (--stream)")
+    live.add_argument(
+        "--stream", action="store_true", help="classify a stream over a sliding window"
+    )
+    live.add_argument(
+        "--input-format",
+        default=None,
+        help="FFmpeg input format of a device: v4l2 (Linux), avfoundation (macOS), dshow",
+    )
+    live.add_argument(
+        "--input-option",
+        type=_input_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="FFmpeg input option, repeatable, e.g. --input-option video_size=640x480",
+    )
+    live.add_argument(
+        "--window-seconds",
+        type=_positive_float,
+        default=2.0,
+        help="seconds of the stream each prediction sees (default 2)",
+    )
+    live.add_argument(
+        "--every",
+        type=positive_int,
+        default=None,
+        help="frames between predictions (default a quarter of the window)",
+    )
+    live.add_argument(
+        "--realtime",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="predict the newest window, skipping those a slow network cannot keep up with "
+        "(default: on for devices and URLs, off for files)",
+    )
     args = parser.parse_args(argv)
+    stream_only = ("input_format", "window_seconds", "every", "realtime")
+    if not args.stream and (
+        args.input_option or any(getattr(args, k) != parser.get_default(k) for k in stream_only)
+    ):
+        parser.error("--input-format, --input-option, --window-seconds, --every and "
+                     "--realtime need --stream")  # fmt: skip
+    if args.stream:
+        return _main_stream(parser, args)
     with reported_as_usage_errors(parser.prog):
         names = read_class_names(args.classnames) if args.classnames else None
         result = predict(
@@ -351,6 +419,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "logits"}, indent=2))
     else:
         print(format_prediction(result))
+    return 0
+
+
+def _main_stream(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from aia_jax import stream
+
+    if args.filename_template is not None:
+        parser.error("--filename-template reads frame folders, not streams")
+    with reported_as_usage_errors(parser.prog):
+        names = read_class_names(args.classnames) if args.classnames else None
+        results = stream.predict_stream(
+            args.checkpoint,
+            args.video,
+            input_format=args.input_format,
+            options=dict(args.input_option),
+            window_seconds=args.window_seconds,
+            every=args.every,
+            realtime=args.realtime,
+            class_names=names,
+            top=args.top,
+            resize=args.resize,
+            crop_size=args.crop_size,
+        )
+        try:
+            for result in results:
+                if args.json:
+                    print(json.dumps({k: v for k, v in result.items() if k != "logits"}))
+                else:
+                    print(stream.format_stream_prediction(result))
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass  # Ctrl-C ends a live stream
     return 0
 
 

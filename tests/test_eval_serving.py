@@ -184,3 +184,111 @@ def test_predict_rawframes_folder_with_flow_files(model_dir, tmp_path, capsys):
     assert "4 frames (segment centres)" in capsys.readouterr().out
     line = _fails(predict.main, [*argv, "--filename-template", "{:05d}.jpg", str(folder)], capsys)
     assert "no frame file matches the filename template '{:05d}.jpg'" in line
+
+
+def _window_logits(model_dir, frames, end, size, settings):
+    """Reference logits of the window of `size` frames ending at frame `end` (inclusive)."""
+    from aia_jax.data import transforms
+
+    window = frames[max(0, end + 1 - size) : end + 1]
+    indices = predict.frame_indices(len(window), T, settings)
+    geometry = transforms.Geometry(resize=(36, 44), crop_size=S, test_crops=1)
+    clip = transforms.eval_clips(window[indices][None], geometry)
+    return reference_logits(model_dir, clip)[0]
+
+
+def test_stream_slides_a_window_over_the_stream(model_dir, tmp_path, capsys):
+    from aia_jax import stream
+    from aia_jax.data import decode
+
+    video = str(tmp_path / "stream.mp4")
+    testing.write_video(video, num_frames=40, video=5, size=(36, 44), fps=10)
+    frames = decode.read_video(video, np.arange)
+    settings = predict.preprocessing_settings(model_dir, resize=(36, 44), crop_size=S)
+    kwargs = dict(resize=(36, 44), crop_size=S)
+
+    # A file: every window, from the first full one (1.2 s at 10 fps = 12 frames), 5 apart.
+    results = list(stream.predict_stream(model_dir, video, window_seconds=1.2, every=5, **kwargs))
+    assert [r["frame"] for r in results] == [11, 16, 21, 26, 31, 36]
+    assert {r["window"] for r in results} == {12} and results[0]["fps"] == 10.0
+    assert results[0]["time"] == pytest.approx(1.1)
+    for r in results:
+        expected = _window_logits(model_dir, frames, r["frame"], 12, settings)
+        np.testing.assert_allclose(r["logits"], expected, rtol=1e-5, atol=1e-5)
+        assert r["top"][0]["name"] == NAMES[int(np.argmax(expected))]
+
+    # Read as a live stream: the newest windows, whichever the network keeps up with.
+    live = list(
+        stream.predict_stream(
+            model_dir, video, window_seconds=1.2, every=5, realtime=True, **kwargs
+        )
+    )
+    assert live and all(r["frame"] >= 11 for r in live)
+    assert [r["frame"] for r in live] == sorted({r["frame"] for r in live})
+    for r in live:
+        expected = _window_logits(model_dir, frames, r["frame"], 12, settings)
+        np.testing.assert_allclose(r["logits"], expected, rtol=1e-5, atol=1e-5)
+
+    # A stream shorter than its window is predicted once, over all it gave.
+    (short,) = stream.predict_stream(model_dir, video, window_seconds=10.0, **kwargs)
+    assert short["frame"] == 39 and short["window"] == 40
+    expected = _window_logits(model_dir, frames, 39, 40, settings)
+    np.testing.assert_allclose(short["logits"], expected, rtol=1e-5, atol=1e-5)
+
+    # The command: one line per prediction, or JSON lines.
+    argv = ["--checkpoint", model_dir, "--resize", "36,44", "--crop-size", str(S), "--stream"]
+    predict.main([*argv, "--window-seconds", "1.2", "--every", "10", "--top", "2", video])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("frame 11 (1.10 s): ")
+    predict.main([*argv, "--window-seconds", "1.2", "--every", "10", "--json", video])
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [row["frame"] for row in rows] == [11, 21, 31]
+    assert all(len(row["top"]) == CLASSES for row in rows)  # --top 5, capped
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--every", "3"], "need --stream"),
+        (["--stream", "--window-seconds", "0"], "'0': expected a positive number"),
+        (["--stream", "--input-option", "framerate"], "expected KEY=VALUE"),
+        (["--stream", "--filename-template", "img_{:05d}.jpg"], "reads frame folders"),
+    ],
+)
+def test_stream_flags_are_checked(model_dir, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--checkpoint", model_dir, *extra, str(tmp_path / "v.mp4")])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_stream_that_cannot_be_opened_is_one_line(model_dir, tmp_path, capsys):
+    missing = str(tmp_path / "no-camera")
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--checkpoint", model_dir, "--stream", missing])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{missing}: cannot open the stream" in err
+
+
+def test_stream_from_a_live_source_stops_with_its_consumer(model_dir):
+    """FFmpeg's test source stands in for a camera: endless, opened by input format."""
+    import itertools
+    import threading
+    import time
+
+    from aia_jax import stream
+
+    source = "testsrc=size=44x36:rate=10"
+    results = stream.predict_stream(
+        model_dir, source, input_format="lavfi", window_seconds=0.8, resize=(36, 44), crop_size=S
+    )
+    taken = list(itertools.islice(results, 3))
+    results.close()  # what a Ctrl-C in the command does
+    assert [r["window"] for r in taken] == [8, 8, 8] and taken[0]["fps"] == 10.0
+    assert taken[0]["frame"] >= 7 and taken[1]["frame"] >= taken[0]["frame"] + 2
+    deadline = time.monotonic() + 10
+    while any(t.name == "aia-stream-reader" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the reader thread outlived its consumer"
+        time.sleep(0.05)
