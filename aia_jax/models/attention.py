@@ -87,8 +87,9 @@ class GateConv(nn.Module):
 
     Attributes:
       gate: which gate ('C', 'T', 'H', 'W'); fixes how the stored kernel is permuted.
-      impl: 'xla' (`lax.conv_general_dilated`) or 'fused' (`fused.gate_conv`: taps in float32,
-        or in the pooled map's dtype when wider).
+      impl: 'xla' (`lax.conv_general_dilated`) or 'fused' (`fused.gate_conv`: taps). Both
+        compute in float32, or in the pooled map's dtype when wider ('xla': or in `dtype` when
+        wider), and return `dtype`.
     """
 
     gate: str
@@ -98,23 +99,35 @@ class GateConv(nn.Module):
     impl: str = DEFAULT_IMPL
 
     def setup(self) -> None:
+        """Declares the kernel (checking `gate` and `impl` first)."""
+        if self.gate not in GATE_POOL_AXIS:
+            raise ValueError(f"unknown gate {self.gate!r}; expected one of {list(GATE_POOL_AXIS)}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
         # Stored in the release's (D1, D2, D3, in, out) order: torch [1, 2, 3, 3, 3] → (2,3,4,1,0).
         self.kernel = self.param("kernel", self.kernel_init, (3, 3, 3, 2, 1), self.param_dtype)
 
     def __call__(self, pooled: jax.Array) -> jax.Array:
         """Maps the pooled context `[b, D1, D2, D3, 2]` (max, mean) to `[b, D1, D2, D3, 1]`."""
+        if pooled.ndim != 5 or pooled.shape[-1] != 2:
+            raise ValueError(
+                f"GateConv: a pooled context [b, D1, D2, D3, 2] expected (max, mean), "
+                f"got {pooled.shape}"
+            )
         if self.impl == "fused":
             return self.taps(pooled[..., 0], pooled[..., 1])[..., None].astype(self.dtype)
         if self.impl != "xla":
             raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
-        kernel = jnp.transpose(self.kernel, GATE_KERNEL_PERM[self.gate]).astype(self.dtype)
+        # In float32 for a bf16 network (as 'fused' computes it), in float64 for a float64 one.
+        acc = fused.compute_dtype(pooled.dtype, self.dtype)
+        kernel = jnp.transpose(self.kernel, GATE_KERNEL_PERM[self.gate]).astype(acc)
         return jax.lax.conv_general_dilated(
-            pooled.astype(self.dtype),
+            pooled.astype(acc),
             kernel,
             window_strides=(1, 1, 1),
             padding=((1, 1), (1, 1), (1, 1)),
             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-        )
+        ).astype(self.dtype)
 
     def taps(self, p_max: jax.Array, p_mean: jax.Array) -> jax.Array:
         """The convolution by `fused.gate_conv`: `[b, D1, D2, D3]` from the two channels.
@@ -283,6 +296,8 @@ def apply_placement(
         raise ValueError(
             f"unknown attention placement {placement!r}; expected one of {list(PLACEMENTS)}"
         )
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
     units, combine = PLACEMENTS[placement]
     make = partial(AttentionUnit, dtype=dtype, param_dtype=param_dtype, impl=impl)
     if not units:

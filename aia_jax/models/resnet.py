@@ -28,6 +28,7 @@ Dtype = Any
 
 STAGE_SIZES = {14: (1, 1, 1, 1), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 TEMPORAL_FORMS = ("C2D", "TSM", "I3D")
+SHIFT_PLACES = ("blockres", "block")
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -75,6 +76,13 @@ def temporal_shift(x: jax.Array, fold_div: int = 8) -> jax.Array:
     Channels [0, fold) take the next frame's value, [fold, 2·fold) the previous frame's, the rest
     stay; the frame missing at each end of the clip is zero. fold = c // fold_div.
     """
+    if x.ndim != 5:
+        raise ValueError(
+            f"temporal_shift: a map [b, t, h, w, c] expected, got {x.shape} "
+            "(reshape a [B*T, H, W, C] frame map to clips first)"
+        )
+    if fold_div < 1:
+        raise ValueError(f"temporal_shift: fold_div must be at least 1, got {fold_div}")
     fold = x.shape[-1] // fold_div
     if fold == 0:
         return x
@@ -84,7 +92,7 @@ def temporal_shift(x: jax.Array, fold_div: int = 8) -> jax.Array:
     # inside its innermost loop; viewed as [groups, fold] channels, they join along the groups
     # and each group copies as one contiguous run. A TSM ResNet-50's inference took ~5 % less
     # time, its training step ~3 % (bench/RESULTS.md §2, 2026-12-05).
-    groups = x.reshape(*x.shape[:-1], -1, fold)
+    groups = x.reshape(*x.shape[:-1], x.shape[-1] // fold, fold)
     return _shift(groups, 1, axis=groups.ndim - 2).reshape(x.shape)
 
 
@@ -140,13 +148,28 @@ class Bottleneck(nn.Module):
     def _to_clips(self, x: jax.Array) -> jax.Array:
         if self.form == "I3D":
             return x
-        return x.reshape(-1, self.num_segments, *x.shape[1:])
+        return x.reshape(x.shape[0] // self.num_segments, self.num_segments, *x.shape[1:])
 
     def _from_clips(self, x: jax.Array, like: jax.Array) -> jax.Array:
         return x if self.form == "I3D" else x.reshape(like.shape)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if self.form not in TEMPORAL_FORMS:
+            raise ValueError(f"form must be one of {TEMPORAL_FORMS}, got {self.form!r}")
+        _check_shift_place(self.shift_place)
+        _check_input(
+            x,
+            self.form,
+            self.num_segments,
+            clips=self.shift or self.attention != "none",
+            who="Bottleneck",
+        )
+        if not self.downsample and x.shape[-1] != 4 * self.planes:
+            raise ValueError(
+                f"Bottleneck(planes={self.planes}) without downsample needs "
+                f"{4 * self.planes} input channels (its output width), {x.shape[-1]} given"
+            )
         three_d = self.form == "I3D"
         conv = partial(
             Conv,
@@ -205,17 +228,27 @@ class Bottleneck(nn.Module):
         return nn.relu(y + residual)
 
 
-def _check_input(x: jax.Array, form: str, num_segments: int, *, clips: bool) -> None:
+def _check_shift_place(shift_place: str) -> None:
+    if shift_place not in SHIFT_PLACES:
+        raise ValueError(f"shift_place must be 'blockres' or 'block', got {shift_place!r}")
+
+
+def _check_input(
+    x: jax.Array, form: str, num_segments: int, *, clips: bool, who: str = "ResNet"
+) -> None:
     """Names a wrongly shaped input here, rather than letting a reshape deep inside fail."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        what = "normalised frames" if who == "ResNet" else "map"
+        raise ValueError(f"{who}(form={form!r}): a floating-point {what} expected, got {x.dtype}")
     if form == "I3D":
         if x.ndim != 5:
-            raise ValueError(f"ResNet(form='I3D'): clips [B, T, H, W, C] expected, got {x.shape}")
+            raise ValueError(f"{who}(form='I3D'): clips [B, T, H, W, C] expected, got {x.shape}")
         return
     if x.ndim != 4:
-        raise ValueError(f"ResNet(form={form!r}): frames [B*T, H, W, C] expected, got {x.shape}")
+        raise ValueError(f"{who}(form={form!r}): frames [B*T, H, W, C] expected, got {x.shape}")
     if clips and x.shape[0] % num_segments:
         raise ValueError(
-            f"ResNet(form={form!r}): {x.shape[0]} frames are not whole clips of "
+            f"{who}(form={form!r}): {x.shape[0]} frames are not whole clips of "
             f"num_segments={num_segments}"
         )
 
@@ -261,6 +294,7 @@ class ResNet(nn.Module):
         """
         if self.form not in TEMPORAL_FORMS:
             raise ValueError(f"form must be one of {TEMPORAL_FORMS}, got {self.form!r}")
+        _check_shift_place(self.shift_place)
         three_d = self.form == "I3D"
         _check_input(
             x, self.form, self.num_segments, clips=self.form != "C2D" or self.attention != "none"

@@ -28,6 +28,7 @@ class ModelName:
 
     @property
     def canonical(self) -> str:
+        """The name as `valid_names` lists it: `TSM`, or `TSM_CinST_BN` with a placement."""
         return self.form if self.placement == "none" else f"{self.form}_{self.placement}_BN"
 
 
@@ -76,6 +77,13 @@ class VideoNet(nn.Module):
             raise ValueError(
                 f"expected clips [B, {self.num_segments}, H, W, 3], got shape {clips.shape}"
             )
+        if not jnp.issubdtype(clips.dtype, jnp.floating):
+            raise ValueError(
+                f"expected floating-point clips, normalised as the release's "
+                f"(aia_jax.data.normalize), got {clips.dtype}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         b, t = clips.shape[:2]
         head_in_base = self.dropout == 0
         frames = clips if self.form == "I3D" else clips.reshape(b * t, *clips.shape[2:])

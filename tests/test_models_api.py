@@ -1,0 +1,149 @@
+"""The model modules as a user meets them: argument checks, clear errors, forward mode, docs."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aia_jax import models
+
+KEY = jax.random.key(0)
+
+
+def _init(module, x, **kw):
+    return jax.eval_shape(lambda x: module.init(KEY, x, **kw), x)
+
+
+def _struct(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def test_unknown_shift_place_is_rejected_not_ignored():
+    # A misspelt shift_place used to give a network without any shift (a plain C2D).
+    for module in (
+        models.ResNet(depth=14, width=8, form="TSM", num_segments=2, shift_place="blok"),
+        models.VideoNet(
+            num_classes=3, form="TSM", num_segments=2, depth=14, width=8, shift_place="blok"
+        ),
+    ):
+        shape = (2, 32, 32, 3) if isinstance(module, models.ResNet) else (1, 2, 32, 32, 3)
+        with pytest.raises(ValueError, match="shift_place must be 'blockres' or 'block'"):
+            _init(module, _struct(shape), train=False)
+    block = models.Bottleneck(planes=2, form="TSM", num_segments=2, shift=True, shift_place="x")
+    with pytest.raises(ValueError, match="shift_place must be 'blockres' or 'block'"):
+        _init(block, _struct((2, 4, 4, 8)), train=False)
+
+
+def test_bottleneck_names_wrongly_shaped_inputs():
+    tsm = models.Bottleneck(
+        planes=4, form="TSM", num_segments=4, attention="CinST", shift=True, downsample=True
+    )
+    with pytest.raises(ValueError, match="6 frames are not whole clips of num_segments=4"):
+        _init(tsm, _struct((6, 8, 8, 16)), train=False)
+    with pytest.raises(ValueError, match=r"frames \[B\*T, H, W, C\] expected"):
+        _init(tsm, _struct((2, 4, 8, 8, 16)), train=False)
+    i3d = models.Bottleneck(planes=4, form="I3D", attention="C", downsample=True)
+    with pytest.raises(ValueError, match=r"clips \[B, T, H, W, C\] expected"):
+        _init(i3d, _struct((4, 8, 8, 16)), train=False)
+    plain = models.Bottleneck(planes=4)
+    with pytest.raises(ValueError, match="16 input channels.*8 given"):
+        _init(plain, _struct((8, 8, 8, 8)), train=False)
+    # The right shapes still work; a C2D block without attention takes any number of frames.
+    assert _init(tsm, _struct((8, 8, 8, 16)), train=False)
+    assert _init(models.Bottleneck(planes=4, downsample=True), _struct((3, 8, 8, 8)), train=False)
+
+
+def test_gate_conv_checks_its_gate_and_pooled_shape():
+    for impl in models.IMPLS:
+        with pytest.raises(ValueError, match="unknown gate 'X'"):
+            _init(models.GateConv("X", impl=impl), _struct((2, 2, 8, 8, 2)))
+        # The fused form used to drop a third channel silently, and fail deep inside on 4-D.
+        with pytest.raises(ValueError, match=r"pooled context \[b, D1, D2, D3, 2\] expected"):
+            _init(models.GateConv("C", impl=impl), _struct((2, 2, 8, 8, 3)))
+        with pytest.raises(ValueError, match=r"pooled context \[b, D1, D2, D3, 2\] expected"):
+            _init(models.GateConv("C", impl=impl), _struct((2, 8, 8, 2)))
+        assert _init(models.GateConv("T", impl=impl), _struct((2, 2, 8, 8, 2)))
+
+
+def test_temporal_shift_rejects_maps_that_are_not_clips():
+    # A TSM frame map [B*T, H, W, C] used to be shifted along H without a word.
+    with pytest.raises(ValueError, match=r"\[b, t, h, w, c\] expected, got \(8, 8, 8, 16\)"):
+        models.temporal_shift(jnp.zeros((8, 8, 8, 16)))
+    with pytest.raises(ValueError, match="fold_div"):
+        models.temporal_shift(jnp.zeros((1, 2, 1, 1, 16)), fold_div=0)
+
+
+def test_integer_clips_are_rejected():
+    # Raw uint8 frames were cast and classified as if normalised.
+    net = models.VideoNet(num_classes=3, form="C2D", num_segments=2, depth=14, width=8)
+    with pytest.raises(ValueError, match="floating-point.*normalised.*uint8"):
+        _init(net, _struct((1, 2, 32, 32, 3), jnp.uint8), train=False)
+    backbone = models.ResNet(depth=14, width=8, form="C2D")
+    with pytest.raises(ValueError, match="floating-point.*uint8"):
+        _init(backbone, _struct((2, 32, 32, 3), jnp.uint8), train=False)
+
+
+def test_videonet_checks_dropout():
+    net = models.VideoNet(num_classes=3, form="C2D", num_segments=2, depth=14, width=8, dropout=1.5)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
+        _init(net, _struct((1, 2, 32, 32, 3)), train=False)
+
+
+def test_placement_checks_impl_even_without_units():
+    with pytest.raises(ValueError, match="unknown impl 'foo'"):
+        _init(models.Attention("none", impl="foo"), _struct((1, 2, 4, 4, 8)), train=False)
+
+
+@pytest.mark.parametrize("form", ["TSM", "I3D"])
+def test_forward_mode_through_the_whole_network_with_xla_attention(form):
+    # README: forward mode (jax.jvp, jacfwd, hessian) needs attention_impl='xla'; the backbone's
+    # own 1×1 convolutions and max-pool used to be reverse-mode only (custom_vjp).
+    net = models.create(
+        f"{form}_CinST", num_classes=3, num_segments=2, depth=14, width=8, attention_impl="xla"
+    )
+    clips = jax.random.normal(KEY, (1, 2, 32, 32, 3))
+    variables = net.init(KEY, clips, train=False)
+    f = lambda x: net.apply(variables, x, train=False)  # noqa: E731
+    tangent = jax.random.normal(jax.random.key(1), clips.shape)
+    y, dy = jax.jvp(f, (clips,), (tangent,))
+    # Reverse mode gives the same directional derivative: <grad(c·y), t> = c·dy.
+    cot = jnp.arange(3.0)[None]
+    (g,) = jax.vjp(f, clips)[1](cot)
+    np.testing.assert_allclose(
+        float(jnp.vdot(g, tangent)), float(jnp.vdot(cot, dy)), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_public_names_are_documented():
+    for name in models.__all__:
+        obj = getattr(models, name)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        assert (obj.__doc__ or "").strip(), name
+        if inspect.isclass(obj):
+            for member, value in vars(obj).items():
+                if member.startswith("_") or not isinstance(value, property):
+                    continue
+                assert (value.__doc__ or "").strip(), f"{name}.{member}"
+
+
+def test_xla_gate_conv_of_a_bf16_network_computes_in_float32():
+    # README: the gates' 3×3×3 convolutions compute in float32 for bf16 maps; 'xla' used to
+    # round the pooled context and the kernel to bf16 first.
+    pooled = jax.random.normal(KEY, (2, 3, 5, 4, 2)) * 3
+    conv = models.GateConv("T", dtype=jnp.bfloat16, impl="xla")
+    variables = conv.init(KEY, pooled)
+    got = conv.apply(variables, pooled)
+    want = models.GateConv("T", impl="xla").apply(variables, pooled).astype(jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_an_empty_batch_gives_empty_logits():
+    # The frames were regrouped into clips with a -1 reshape, which fails on zero frames.
+    net = models.create("TSM_CinST", num_classes=3, num_segments=2, depth=14, width=8)
+    variables = net.init(KEY, jnp.zeros((1, 2, 32, 32, 3)), train=False)
+    logits = net.apply(variables, jnp.zeros((0, 2, 32, 32, 3)), train=False)
+    assert logits.shape == (0, 3) and logits.dtype == jnp.float32
