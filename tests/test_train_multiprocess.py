@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from aia_jax import modelio
+from aia_jax.errors import UserError
+from aia_jax.train.checkpoint import Checkpoints
 from aia_jax.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,16 +27,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_config(data_dir):
+    from tests import test_train_run as t
+
+    c = t.tiny_config(data_dir)
+    c.model.name = "TSM"  # what is tested is the hosts' agreement, not the attention
+    c.num_epochs = 0.75  # 3 steps of 16 clips
+    c.eval_every_epochs = 0.0
+    return c
+
+
 def launch(workdir, data_dir, devices, distributed=""):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
         from aia_jax.train import run
-        import test_train_run as t
+        import test_train_multiprocess as t
         c = t.tiny_config({data_dir!r})
-        c.model.name = "TSM"  # what is tested is the hosts' agreement, not the attention
-        c.num_epochs = 0.75  # 3 steps of 16 clips
-        c.eval_every_epochs = 0.0
         {distributed}
         print("SUMMARY", run(c, {workdir!r}), flush=True)
     """)
@@ -61,17 +70,7 @@ def test_two_processes_agree_with_one(tmp_path):
     synthetic.prepare(data_dir, 64, 24, 0)
     port = free_port()
     multi = str(tmp_path / "multi")
-    procs = [
-        launch(
-            multi,
-            data_dir,
-            2,
-            f"c.distributed.coordinator_address = '127.0.0.1:{port}'\n"
-            f"        c.distributed.num_processes = 2\n"
-            f"        c.distributed.process_id = {i}",
-        )
-        for i in range(2)
-    ]
+    procs = [launch(multi, data_dir, 2, distributed_settings(port, i)) for i in range(2)]
     single = str(tmp_path / "single")
     procs.append(launch(single, data_dir, 4))
     outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -96,3 +95,37 @@ def test_two_processes_agree_with_one(tmp_path):
         "process_0-of-2.json",
         "process_1-of-2.json",
     ]
+    # ... so one process cannot resume it: said in one line, not as a damaged checkpoint.
+    from aia_jax import train
+
+    with pytest.raises(UserError, match=r"checkpoints/3/data_iter: .* saved by a run of 2 proc"):
+        train.run(tiny_config(data_dir), multi)
+
+
+def distributed_settings(port, i):
+    return (
+        f"c.distributed.coordinator_address = '127.0.0.1:{port}'\n"
+        f"        c.distributed.num_processes = 2\n"
+        f"        c.distributed.process_id = {i}"
+    )
+
+
+def test_two_processes_refuse_a_workdir_in_use(tmp_path):
+    """Process 0 finds the workdir locked by another run; both processes stop with its message
+    (process 1 must not go on alone into the restore's collectives and hang)."""
+    from aia_jax.data import synthetic
+
+    data_dir = str(tmp_path / "tfds")
+    synthetic.prepare(data_dir, 64, 24, 0)
+    workdir = str(tmp_path / "w")
+    other = Checkpoints(workdir)
+    try:
+        port = free_port()
+        procs = [launch(workdir, data_dir, 1, distributed_settings(port, i)) for i in range(2)]
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        other.close()
+    for p, out in zip(procs, outs):
+        assert p.returncode != 0, out
+        assert "another run is training in this workdir" in out.strip().splitlines()[-1], out
+    assert not os.path.exists(os.path.join(workdir, "config.json"))

@@ -10,28 +10,40 @@ state can move on) and atomic: Orbax writes into a temporary directory and renam
 complete, so a crash mid-save leaves the previous checkpoint as the latest usable one; stale
 temporaries are removed when the manager is next opened. Kept: the newest `keep` checkpoints
 plus the best one by validation top-1.
+
+A writable manager (a training run) holds an exclusive lock on `<workdir>/.train.lock` (taken by
+process 0) until it is closed, so that a second run started on the same workdir stops with a
+one-line error instead of removing the first one's half-written saves and racing it for steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
 import os
+import re
+import socket
 from collections.abc import Iterator
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from aia_jax import modelio
-from aia_jax.errors import InputNotFoundError
+from aia_jax.errors import InputNotFoundError, UserError, one_line
 from aia_jax.train.step import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "val_top1"
 STATE, DATA_ITER = "state", "data_iter"
+METRICS_ITEM = "metrics"  # Orbax's own item: `<step>/metrics/metrics`, JSON
+LOCK_FILE = ".train.lock"
+_ITER_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 # Orbax warns at every save without metrics once a best-metric is tracked. Periodic saves carry
 # none on purpose (they never compete for "best"), so that one message is dropped around them.
 _NO_METRICS_WARNING = "Requested `tracked_metric`; did not provide metrics."
@@ -71,12 +83,95 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint's files could not be read (Orbax reports some read failures as a bare
+    `Exception`); the message is the innermost cause's, on one line."""
+
+
+def _root_message(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return one_line(error)
+
+
+class _WorkdirLock:
+    """An exclusive `flock` on `<workdir>/.train.lock`, held by process 0 of a training run.
+
+    The kernel drops it when the process ends, however it ends (SIGKILL included), so a crashed
+    run leaves nothing to clean up. On a filesystem without locks, runs are not guarded (a
+    warning says so).
+    """
+
+    def __init__(self, workdir: str):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._file = open(self.path, "a+")  # noqa: SIM115 (closed in release())
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = " ".join(self._file.read().split()) or "another process"
+            self.release()
+            raise UserError(
+                f"{workdir}: another run is training in this workdir ({holder} holds "
+                f"{self.path}); wait for it to end or stop it, or use a new workdir"
+            ) from None
+        except OSError as e:  # e.g. ENOLCK on a filesystem without locks
+            logging.getLogger("absl").warning(
+                "%s: cannot lock (%s); nothing stops a second run in this workdir", self.path, e
+            )
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # drops the lock
+
+
+def _lock_workdir(workdir: str) -> _WorkdirLock | None:
+    """Process 0 locks the workdir; every process raises the same UserError when it is taken."""
+    lock, message = None, ""
+    if jax.process_index() == 0:
+        try:
+            lock = _WorkdirLock(workdir)
+        except UserError as e:
+            message = str(e)
+        except OSError as e:  # e.g. no permission to create the workdir
+            message = f"{workdir}: cannot write into this workdir ({one_line(e)})"
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        taken = bool(multihost_utils.broadcast_one_to_all(np.int32(bool(message))))
+        if taken and not message:
+            message = (
+                f"{workdir}: another run is training in this workdir (process 0 found it "
+                "locked); wait for it to end or stop it, or use a new workdir"
+            )
+    if message:
+        raise UserError(message)
+    return lock
+
+
 class Checkpoints:
     """Saves and restores `(TrainState, data iterator)` pairs of a training workdir."""
 
     def __init__(
         self, workdir: str, *, keep: int = 2, async_save: bool = True, read_only: bool = False
     ):
+        self.directory = checkpoint_dir(workdir)
+        self._closed = False
+        # Before the manager is opened: opening it removes temporaries, another run's included.
+        self._lock = None if read_only else _lock_workdir(os.path.abspath(workdir))
+        try:
+            self.manager = self._open(keep, async_save, read_only)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _open(self, keep: int, async_save: bool, read_only: bool) -> ocp.CheckpointManager:
         with _without_orbax_warnings(*_READ_ONLY_NOTICES):
             options = ocp.CheckpointManagerOptions(
                 best_fn=_best_fn,
@@ -94,10 +189,32 @@ class Checkpoints:
                 create=not read_only,
                 read_only=read_only,
             )
-            self.directory = checkpoint_dir(workdir)
-            self.manager = ocp.CheckpointManager(
-                self.directory, options=options, item_names=(STATE, DATA_ITER)
-            )
+            try:  # reads every checkpoint's metrics
+                return ocp.CheckpointManager(
+                    self.directory, options=options, item_names=(STATE, DATA_ITER)
+                )
+            except (ValueError, OSError) as e:
+                raise UserError(self._unopenable(e)) from None
+
+    def _unopenable(self, error: Exception) -> str:
+        """Names the checkpoint whose metrics file cannot be read, or else the directory."""
+        try:
+            steps = sorted((n for n in os.listdir(self.directory) if n.isdigit()), key=int)
+        except OSError:
+            steps = []
+        for step in steps:
+            path = os.path.join(self.directory, step, METRICS_ITEM, METRICS_ITEM)
+            try:
+                if os.path.exists(path):
+                    with open(path) as f:
+                        json.load(f)
+            except (OSError, ValueError) as e:
+                return (
+                    f"{path}: cannot read this checkpoint's metrics, it is damaged "
+                    f"({one_line(e)[:200]}); move {os.path.join(self.directory, step)} out of "
+                    f"{self.directory}"
+                )
+        return f"{self.directory}: cannot open the checkpoints ({one_line(error)[:200]})"
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -141,12 +258,43 @@ class Checkpoints:
             )
 
     def restore(self, step: int, abstract_state: TrainState, data_iter: Any) -> TrainState:
-        """Restores the state (with the shardings of `abstract_state`) and the iterator."""
+        """Restores the state (with the shardings of `abstract_state`) and the iterator.
+
+        Raises:
+          UserError: the iterator position was saved by another number of processes.
+          CheckpointReadError (a ValueError), ValueError, KeyError, TypeError, OSError: the
+            checkpoint cannot be read.
+        """
         items = {STATE: ocp.args.StandardRestore(abstract_state.to_dict())}
         if data_iter is not None:
+            self._check_process_count(step)
             items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            if type(e) is not Exception:
+                raise
+            # Orbax wraps TensorStore's read errors (a missing or truncated data file) so.
+            raise CheckpointReadError(_root_message(e)) from e
         return TrainState.from_dict(restored[STATE])
+
+    def _check_process_count(self, step: int) -> None:
+        """Each process saves its own iterator position (`process_<i>-of-<n>.json`); a run with
+        another number of processes has no position to resume from."""
+        path = os.path.join(self.directory, str(step), DATA_ITER)
+        try:
+            names = os.listdir(path)
+        except OSError:
+            return  # missing: reported as a damaged checkpoint
+        saved = {int(m.group(2)) for m in map(_ITER_FILE.fullmatch, names) if m}
+        count = jax.process_count()
+        if saved and count not in saved:
+            was = ", ".join(str(n) for n in sorted(saved))
+            raise UserError(
+                f"{path}: the data position was saved by a run of {was} process(es), this run "
+                f"has {count}; resume it with {was} processes (jax.distributed), or use a new "
+                "workdir"
+            )
 
     def state_differences(self, step: int, abstract_state: TrainState) -> list[str] | None:
         """How the state saved at `step` differs from `abstract_state` in leaves and shapes.
@@ -187,8 +335,16 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending saves, closes the manager and releases the workdir; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:

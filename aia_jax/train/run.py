@@ -8,6 +8,7 @@ from `init_from`), then step → log → validate → checkpoint until the end, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -127,6 +128,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       NonFiniteLossError: the loss or gradients became non-finite; the checkpoints in `workdir`
         are the last good ones.
     """
+    with contextlib.ExitStack() as cleanup:  # closes the checkpoints (and their lock) on errors
+        return _run(config, workdir, cleanup)
+
+
+def _run(
+    config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack
+) -> dict[str, Any]:
     cfg = config
     check_config(cfg)  # first: a misspelt `distributed` field must not go unnoticed either
     mesh_lib.initialize_distributed(config.get("distributed"))
@@ -258,6 +266,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if main:  # only now: a run that fails its checks above leaves no empty workdir behind
         os.makedirs(workdir, exist_ok=True)
     ckpts = Checkpoints(workdir, keep=cfg.get("keep_checkpoints", 2))
+    cleanup.callback(ckpts.close)
     latest = ckpts.latest_step()
     meta = modelio.model_meta(cfg.model.name, **create_kwargs)
     if latest is not None:
@@ -271,6 +280,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
         try:
             state = ckpts.restore(latest, target, train_iter)
+        except UserError:  # e.g. saved by another number of processes
+            raise
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise _resume_error(ckpts, latest, abstract_state, e) from None
     else:
@@ -424,10 +435,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 ckpts.save(step, state, train_iter, metrics=metrics)
         flush()
     finally:
-        preemption.close()
-        progress.close()
-        writer.close()
-        ckpts.close()
+        try:
+            # First: waits for the last asynchronous save while a second SIGTERM is still caught.
+            ckpts.close()
+        finally:
+            preemption.close()
+            progress.close()
+            writer.close()
 
     return {"step": step, "preempted": preempted, "best_step": ckpts.best_step(), **last_val}
 

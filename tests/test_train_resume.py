@@ -1,0 +1,157 @@
+"""Resume edge cases that need no training: a workdir in use by another run, a checkpoint of
+another process count, damaged metrics or array data. Checkpoints are written from small
+hand-made states; `train.run` stops at its resume checks, before compiling anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from aia_jax import train
+from aia_jax.errors import UserError
+from aia_jax.train.checkpoint import CheckpointReadError, Checkpoints
+from aia_jax.train.step import TrainState
+from tests.test_train_run import ROOT, env, tiny_config  # noqa: F401 (env: a fixture)
+
+
+def _state(step: int) -> TrainState:
+    # Random values: Orbax stores well-compressing small arrays inline in the metadata files.
+    w = np.random.default_rng(step).standard_normal((256, 256), np.float32)
+    return TrainState(
+        step=np.int32(step),
+        params={"w": jax.device_put(w)},
+        batch_stats={},
+        opt_state={},
+        rng=np.zeros(2, np.uint32),
+    )
+
+
+def _save(workdir: str, *steps: int, metrics: bool = False) -> None:
+    ckpts = Checkpoints(workdir, async_save=False, keep=10)
+    for s in steps:
+        assert ckpts.save(s, _state(s), None, metrics={"val_top1": s / 10} if metrics else None)
+    ckpts.close()
+
+
+def test_a_workdir_in_use_by_another_process_is_refused(tmp_path):
+    """Two runs in one workdir would remove each other's half-written saves (Orbax cleans up
+    temporaries when a manager opens) and write the same steps: the second one is refused."""
+    workdir = str(tmp_path / "w")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import sys
+                from aia_jax.train.checkpoint import Checkpoints
+                c = Checkpoints({workdir!r})
+                print("ready", flush=True)
+                sys.stdin.read()
+                c.close()
+            """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(UserError) as e:
+            Checkpoints(workdir)
+        message = str(e.value)
+        assert message.startswith(f"{workdir}: another run is training in this workdir (pid ")
+        assert f"{workdir}/.train.lock" in message and "\n" not in message
+        Checkpoints(workdir, read_only=True).close()  # reading it (evaluate, predict) is fine
+    finally:
+        holder.communicate("", timeout=60)
+    Checkpoints(workdir).close()  # free again once the other run ended
+    # Also in one process: a second writable manager waits for the first to be closed.
+    first = Checkpoints(workdir)
+    with pytest.raises(UserError, match="another run is training"):
+        Checkpoints(workdir)
+    first.close()
+    first.close()  # idempotent
+    Checkpoints(workdir).close()
+
+
+def test_run_refuses_a_workdir_in_use_and_frees_it_when_it_fails(env, tmp_path):  # noqa: F811
+    workdir = str(tmp_path / "w")
+    other = Checkpoints(workdir)
+    with pytest.raises(UserError, match=r"another run is training in this workdir"):
+        train.run(tiny_config(env["data_dir"]), workdir)
+    other.close()
+    assert not os.path.exists(os.path.join(workdir, "config.json"))  # nothing overwritten
+
+    # A run that stops at a resume check (here: another batch size) leaves the workdir free,
+    # e.g. for the corrected command in the same notebook.
+    _save(workdir, 1)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({"batch_size": 8}, f)
+    with pytest.raises(UserError, match="has batch_size 8"):
+        train.run(tiny_config(env["data_dir"]), workdir)
+    Checkpoints(workdir).close()
+
+
+def test_resume_with_another_process_count_is_refused_in_one_line(env, tmp_path):  # noqa: F811
+    """Each process saves its own data position; with another number of processes there is
+    none to resume from, in this checkpoint or any earlier one: not "damaged", and no fallback."""
+    workdir = str(tmp_path / "w")
+    _save(workdir, 2, 3)
+    for step in (2, 3):
+        folder = os.path.join(workdir, "checkpoints", str(step), "data_iter")
+        os.makedirs(folder)
+        for i in range(2):
+            with open(os.path.join(folder, f"process_{i}-of-2.json"), "w") as f:
+                json.dump({"next_index": 16 * step}, f)
+    with pytest.raises(UserError) as e:
+        train.run(tiny_config(env["data_dir"]), workdir)
+    assert str(e.value) == (
+        f"{workdir}/checkpoints/3/data_iter: the data position was saved by a run of 2 "
+        "process(es), this run has 1; resume it with 2 processes (jax.distributed), or use a "
+        "new workdir"
+    )
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_damaged_metrics_file_is_named(tmp_path, read_only):
+    """Orbax reads every checkpoint's metrics when it opens the directory (for training,
+    evaluation and prediction alike)."""
+    workdir = str(tmp_path / "w")
+    _save(workdir, 1, 2, metrics=True)
+    path = os.path.join(workdir, "checkpoints", "2", "metrics", "metrics")
+    with open(path, "w") as f:
+        f.write('{"val_top1": 0.')
+    with pytest.raises(UserError) as e:
+        Checkpoints(workdir, read_only=read_only)
+    message = str(e.value)
+    assert message.startswith(f"{path}: cannot read this checkpoint's metrics, it is damaged (")
+    assert message.endswith(f"move {workdir}/checkpoints/2 out of {workdir}/checkpoints")
+    if not read_only:
+        shutil.rmtree(os.path.dirname(os.path.dirname(path)))
+        Checkpoints(workdir).close()  # the failed open released the workdir
+
+
+def test_unreadable_array_data_is_a_value_error_with_tensorstores_reason(tmp_path):
+    """Orbax raises a bare `Exception` ("Encountered error while reading array index …") when
+    an array's data file is missing or cut short; the trainer reports ValueErrors as a damaged
+    checkpoint (naming it and the step to fall back to), a bare Exception escaped as a
+    traceback."""
+    workdir = str(tmp_path / "w")
+    _save(workdir, 1)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "1", "state", "ocdbt.process_0"))
+    ckpts = Checkpoints(workdir)
+    try:
+        with pytest.raises(CheckpointReadError, match="ocdbt|OCDBT|Error reading") as e:
+            ckpts.restore(1, jax.eval_shape(lambda: _state(1)), None)
+        assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
+    finally:
+        ckpts.close()
