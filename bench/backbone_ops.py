@@ -248,7 +248,11 @@ def shift_tables(args) -> None:
             fns.update({f"torch/{k}": f for k, f in _torch_shift_runners(8, h, c).items()})
         times = common.interleaved(fns, args.warmup, args.reps)
         for part in ("fwd", "grad"):
-            ms = {k.rsplit("/", 1)[0]: common.median_ms(t) for k, t in times.items() if part in k}
+            ms = {
+                k.rsplit("/", 1)[0]: common.median_ms(t)
+                for k, t in times.items()
+                if k.endswith("/" + part)
+            }
             line = f"| 8×{h}×{h}×{c} | {part} |" + "".join(f" {ms[t]:.2f} |" for t in SHIFTS)
             line += "".join(f" {ms[t] / ms[ours]:.1f}× |" for t in earlier)
             if not args.no_torch:
@@ -323,6 +327,11 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
     parser.add_argument("--shift", action="store_true", help="add the temporal shift's tables")
     args = parser.parse_args()
+    common.check_choices(parser, "--forms", args.forms, common.FORMS)
+    common.check_choices(parser, "--placements", args.placements, list(common.models.PLACEMENTS))
+    common.check_choices(parser, "--modes", args.modes, ["infer", "train"])
+    common.check_at_least(parser, args, 1, "batch", "frames", "size", "reps")
+    common.check_at_least(parser, args, 0, "warmup")
 
     common.print_environment(common.environment())
     if not args.no_ops:

@@ -9,6 +9,7 @@ Not part of the test suite: nothing here asserts, everything here times.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import datetime
@@ -111,34 +112,53 @@ GPU_PEAKS = {
 }
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo ('' where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def _cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
 
 
 def _cpu_mhz() -> float:
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("cpu MHz"):
-                    return float(line.split(":", 1)[1])
-    except OSError:
-        pass
-    return float("nan")
+        return float(_cpuinfo("cpu MHz"))
+    except ValueError:
+        return float("nan")
+
+
+def cpu_flop_per_cycle() -> tuple[int, str]:
+    """float32 FLOP per cycle and core of the FMA units, and which units those are.
+
+    2 FMA pipes × lanes × 2. AMD's Zen 4 (family 25) runs AVX-512 on 256-bit pipes: 8 lanes,
+    as for AVX2; Intel's AVX-512 server cores and Zen 5 (family 26) have 16.
+    """
+    flags = _cpu_flags()
+    if "avx512f" in flags:
+        if _cpuinfo("vendor_id") == "AuthenticAMD" and _cpuinfo("cpu family") == "25":
+            return 32, "AMD Zen 4: AVX-512 on 256-bit FMA pipes"
+        return 64, "AVX-512 FMA"
+    if "avx2" in flags:
+        return 32, "AVX2 FMA"
+    return 8, "SSE"
 
 
 def assumed_peak(dtype: str, override_tflops: float | None = None) -> tuple[float, str]:
     """Peak FLOP/s assumed for MFU, and how it was derived (printed beside the tables).
 
     CPU: cores × clock × FLOP/cycle, with 2 FMA pipes × 16 float32 lanes × 2 = 64 FLOP/cycle
-    per core for AVX-512 (32 for AVX2) and the clock /proc/cpuinfo reports (the TSC rate in a
-    VM: boost clocks above it would make the true peak higher). The same figure is used for
+    per core for AVX-512 (32 for AVX2, and for AMD Zen 4's AVX-512: `cpu_flop_per_cycle`) and
+    the clock /proc/cpuinfo reports (the TSC rate in a VM: boost clocks above it would make the
+    true peak higher). The same figure is used for
     bf16: XLA:CPU's bf16 kernels are not assumed to double the rate.
     """
     if override_tflops:
@@ -149,11 +169,11 @@ def assumed_peak(dtype: str, override_tflops: float | None = None) -> tuple[floa
             if name in kind:
                 return peaks[dtype], f"{kind}: {peaks[dtype] / 1e12:g} TFLOP/s dense {dtype}"
         return float("nan"), f"{kind}: unknown peak (pass --peak-tflops)"
-    flags = _cpu_flags()
-    per_cycle = 64 if "avx512f" in flags else 32 if "avx2" in flags else 8
+    per_cycle, units = cpu_flop_per_cycle()
     cores, mhz = os.cpu_count() or 1, _cpu_mhz()
     peak = cores * mhz * 1e6 * per_cycle
-    how = f"{cores} cores × {mhz / 1e3:.2f} GHz × {per_cycle} FLOP/cycle = {peak / 1e9:.0f} GFLOP/s"
+    how = f"{cores} cores × {mhz / 1e3:.2f} GHz × {per_cycle} FLOP/cycle ({units})"
+    how += f" = {peak / 1e9:.0f} GFLOP/s"
     return peak, how
 
 
@@ -513,19 +533,73 @@ def csv(values: str) -> list[str]:
     return [v for v in values.split(",") if v]
 
 
-def add_common_flags(parser) -> None:
-    """The flags every benchmark takes, so that one command runs on CPU and on GPU alike."""
-    parser.add_argument("--forms", type=csv, default=list(FORMS), help="C2D,TSM,I3D")
-    parser.add_argument("--placements", type=csv, default=["none", "CinST", "STinC"])
-    parser.add_argument("--dtype", type=csv, default=["float32", "bfloat16"], help="dtypes")
-    parser.add_argument("--batch-sizes", type=lambda s: [int(v) for v in csv(s)], default=[1, 2])
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
-    # Rounds before timing: with the host memory kept (xla_cpu.retain_host_memory), the heap
-    # grows over the first steps of every program in the process before each step reuses it.
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+def ints(values: str) -> list[int]:
+    """`1,2,4` → [1, 2, 4]: positive integers separated by commas (an argparse `type`)."""
+    try:
+        out = [int(v) for v in csv(values)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{values!r}: expected integers, e.g. 1,2") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{values!r}: expected integers of at least 1")
+    return out
+
+
+def check_choices(parser, flag: str, values: Sequence[str], allowed: Sequence[str]) -> None:
+    """A one-line usage error unless `values` are `allowed` names, at least one, each once."""
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        got = f"unknown {','.join(bad)}" if bad else "nothing given"
+        parser.error(f"{flag}: {got}; choose from {','.join(allowed)}")
+    if len(set(values)) != len(values):
+        parser.error(f"{flag}: each once, got {','.join(values)}")
+
+
+def check_at_least(parser, args, minimum: int, *names: str) -> None:
+    """A one-line usage error unless each integer flag `names` is at least `minimum`."""
+    for name in names:
+        if getattr(args, name) < minimum:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag}: expected at least {minimum}, got {getattr(args, name)}")
+
+
+def add_common_flags(parser, *, impl: bool = True, timing: bool = True) -> None:
+    """The flags every benchmark takes, so that one command runs on CPU and on GPU alike.
+
+    `impl=False` leaves out `--impl` (for scripts that take several, `--impls`; argparse then
+    reads `--impl` as its abbreviation); `timing=False` leaves out the flags of timed scripts.
+    Call `check_common_flags` on the parsed arguments.
+    """
+    parser.add_argument("--forms", type=csv, default=list(FORMS), help=",".join(FORMS))
+    parser.add_argument(
+        "--placements", type=csv, default=["none", "CinST", "STinC"], help="none,CinST,STinC,…"
+    )
+    parser.add_argument("--dtype", type=csv, default=["float32", "bfloat16"], help=",".join(DTYPES))
+    parser.add_argument("--batch-sizes", type=ints, default=[1, 2], help="e.g. 1,2")
+    if timing:
+        parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
+        # Rounds before timing: with the host memory kept (xla_cpu.retain_host_memory), the heap
+        # grows over the first steps of every program in the process before each step reuses it.
+        parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--impl", default="fused", help="JAX attention impl: fused | xla")
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU")
+    if impl:
+        parser.add_argument(
+            "--impl", default=models.DEFAULT_IMPL, choices=models.IMPLS, help="JAX attention impl"
+        )
+    if timing:
+        parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+        parser.add_argument(
+            "--peak-tflops", type=float, default=None, help="TFLOP/s for MFU (default: assumed)"
+        )
     parser.add_argument("--json", default=None, help="append raw results (JSON lines) here")
+
+
+def check_common_flags(parser, args) -> None:
+    """One-line usage errors for the common flags' values (before anything is compiled)."""
+    check_choices(parser, "--forms", args.forms, FORMS)
+    check_choices(parser, "--placements", args.placements, list(models.PLACEMENTS))
+    check_choices(parser, "--dtype", args.dtype, list(DTYPES))
+    check_at_least(parser, args, 1, "frames", "size")
+    if hasattr(args, "reps"):
+        check_at_least(parser, args, 1, "reps")
+        check_at_least(parser, args, 0, "warmup")

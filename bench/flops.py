@@ -75,17 +75,19 @@ def analytic_attention(placement: str, batch: int, frames: int, size: int) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_flags(parser)
+    common.add_common_flags(parser, impl=False, timing=False)
     parser.add_argument("--impls", type=common.csv, default=["fused"], help="fused,xla")
     parser.set_defaults(batch_sizes=[1], dtype=["float32"])
     args = parser.parse_args()
+    common.check_common_flags(parser, args)
+    common.check_choices(parser, "--impls", args.impls, common.models.IMPLS)
 
     env = common.environment()
     common.print_environment(env)
     rows = []
     for form in args.forms:
         for batch in args.batch_sizes:
-            base_flops = base_params = None
+            base_flops, base_params = {}, None  # the plain backbone's, per dtype
             for placement in args.placements:
                 name = common.model_name(form, placement)
                 for dtype in args.dtype:
@@ -106,15 +108,15 @@ def main() -> None:
                         row[f"gflops_{impl}"] = common.cost(compiled)["flops"] / 1e9
                         row[f"compile_s_{impl}"] = secs
                     if placement == "none":
-                        base_flops = row[f"gflops_{args.impls[0]}"]
+                        base_flops[dtype] = {i: row[f"gflops_{i}"] for i in args.impls}
                         base_params = params
                     else:
                         ana = analytic_attention(placement, batch, args.frames, args.size)
                         row["analytic_gflops"] = ana["all"] / 1e9
                         row["analytic_conv_gmacs"] = ana["convs_only_macs"] / 1e9
-                    if base_flops and base_params:
+                    if dtype in base_flops and base_params:
                         row["flops_overhead_pct"] = {
-                            impl: 100 * (row[f"gflops_{impl}"] / base_flops - 1)
+                            impl: 100 * (row[f"gflops_{impl}"] / base_flops[dtype][impl] - 1)
                             for impl in args.impls
                         }
                         row["params_overhead_pct"] = 100 * (params / base_params - 1)
@@ -134,13 +136,15 @@ def main() -> None:
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         name = common.model_name(r["form"], r["placement"])
-        over = r.get("flops_overhead_pct", {}).get(impl0, 0.0)
+        if len(args.dtype) > 1:
+            name += f" ({r['dtype']})"
+        # Overheads need the plain backbone ('none') in --placements: "–" without it.
+        compared = r["placement"] != "none" and "flops_overhead_pct" in r
+        over = r["flops_overhead_pct"][impl0] if compared else 0.0
         line = f"| {name} | {r['batch']} | {r['params']:,} |"
-        line += (
-            f" {r.get('params_overhead_pct', 0):+.3f} % |" if r["placement"] != "none" else " – |"
-        )
+        line += f" {r['params_overhead_pct']:+.3f} % |" if compared else " – |"
         line += f" {r[f'gflops_{impl0}']:.2f} | {r[f'gflops_{impl0}'] / 2:.2f} |"
-        line += f" {over:+.2f} % |" if r["placement"] != "none" else " – |"
+        line += f" {over:+.2f} % |" if compared else " – |"
         if "analytic_gflops" in r and "flops_overhead_pct" in r:
             base = r[f"gflops_{impl0}"] / (1 + over / 100)
             line += f" {100 * r['analytic_gflops'] / base:+.2f} % |"

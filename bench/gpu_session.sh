@@ -16,12 +16,15 @@
 #   3. unit:     one CinST / STinC unit per ResNet-50 stage, `fused` against `xla`: which
 #                attention implementation the GPU should default to.
 set -u
-cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/gpu_session}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# A relative OUT is relative to where the command was started, not to the repository.
+OUT=${OUT:-$ROOT/runs/gpu_session}
+mkdir -p "$OUT" || exit
+OUT=$(cd "$OUT" && pwd)
+cd "$ROOT" || exit
 BUDGET_S=${BUDGET_S:-540}
 SIZE=${SIZE:-224}
 BATCH=${BATCH:-32}
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # JAX and PyTorch share the GPU in one process: JAX takes 45 % up front, not its default 75 %.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.45}

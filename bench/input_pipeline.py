@@ -100,9 +100,17 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=48)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=24, help="timed batches")
-    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--workers", default="0,1,2", help="worker counts, e.g. 0,2,4")
     args = parser.parse_args()
-    workers = [int(w) for w in args.workers.split(",")]
+    try:
+        workers = [int(w) for w in args.workers.split(",") if w]
+    except ValueError:
+        parser.error(f"--workers: expected counts such as 0,1,2, got {args.workers!r}")
+    if not workers or min(workers) < 0:
+        parser.error(f"--workers: expected counts of at least 0, got {args.workers!r}")
+    for name in ("videos", "frames", "batch", "batches"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected at least 1, got {getattr(args, name)}")
     entries = (args.batches + WARMUP) * args.batch  # eval makes one pass over the list
 
     with tempfile.TemporaryDirectory() as root:
@@ -114,7 +122,8 @@ def main() -> None:
             f"({time.perf_counter() - start:.0f} s to write); clips of 8 frames at 224x224; "
             f"batch {args.batch}; {os.cpu_count()} CPU cores\n"
         )
-        print("| source | pipeline | " + " | ".join(f"{w} workers" for w in workers) + " |")
+        cols = [f"{w} worker{'' if w == 1 else 's'}" for w in workers]
+        print("| source | pipeline | " + " | ".join(cols) + " |")
         print("|---|---|" + "---|" * len(workers))
         for source in ("frames", "videos"):
             for mode in ("train", "eval"):

@@ -217,6 +217,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=8, help="profiled rounds")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per program")
     args = parser.parse_args()
+    common.check_at_least(parser, args, 1, "size", "channels", "batch", "calls", "top")
+    if jax.default_backend() != "cpu":  # kernels of other backends are on other trace planes
+        parser.error(
+            f"reads XLA:CPU's trace, JAX runs on {jax.default_backend()}: set JAX_PLATFORMS=cpu"
+        )
     if len(set(args.names)) != len(args.names):
         parser.error(f"--names: each network once, got {','.join(args.names)}")
     unknown = [n for n in args.names if n not in valid_names()]

@@ -27,6 +27,7 @@ import json
 import os
 
 import common
+import jax
 import jax.numpy as jnp
 
 DEFAULT_PLACEMENTS = ["none", "CinST", "STinC", "CinST2STinC", "STinCplusCinST"]
@@ -48,9 +49,14 @@ def build(args, form: str, dtype: str, batch: int, mode: str) -> tuple[dict, dic
             variables = common.jax_variables(model, clips)
             for suffix, compiler_options in options:
                 key = (f"jax-{impl}{suffix}", placement)
-                fns[key], _, secs = common.compiled_runner(
-                    model, variables, clips, labels, mode, compiler_options
-                )
+                try:
+                    fns[key], _, secs = common.compiled_runner(
+                        model, variables, clips, labels, mode, compiler_options
+                    )
+                except jax.errors.JaxRuntimeError as e:
+                    if not compiler_options:
+                        raise
+                    raise SystemExit(f"--compiler-options: {str(e).splitlines()[0]}") from None
                 compile_s[key] = secs
                 print(f"compiled {key} in {secs:.1f} s", flush=True)
     if not args.no_torch and form in common.TORCH_FORMS:
@@ -66,18 +72,24 @@ def build(args, form: str, dtype: str, batch: int, mode: str) -> tuple[dict, dic
 
 
 def _compiler_options(text: str) -> dict[str, str]:
-    options = {}
+    """`K1=V1,K2=V2` → {K1: V1, K2: V2}; an item without `=` continues the previous value, so
+    that list-valued options pass whole (`xla_cpu_experimental_ynn_fusion_type=dot,reduce`)."""
+    options, last = {}, None
     for item in common.csv(text):
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep and last is not None:
+            options[last] += "," + item
+            continue
+        if not sep or not key.lstrip("-"):
             raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE")
-        options[key.lstrip("-")] = value
+        last = key.lstrip("-")
+        options[last] = value
     return options
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_flags(parser)
+    common.add_common_flags(parser, impl=False)
     parser.add_argument("--modes", type=common.csv, default=["infer", "train"])
     parser.add_argument("--impls", type=common.csv, default=["fused"], help="fused,xla")
     parser.add_argument(
@@ -90,6 +102,9 @@ def main() -> None:
         forms=["TSM"], placements=DEFAULT_PLACEMENTS, dtype=["float32"], batch_sizes=[1], reps=7
     )
     args = parser.parse_args()
+    common.check_common_flags(parser, args)
+    common.check_choices(parser, "--modes", args.modes, ["infer", "train"])
+    common.check_choices(parser, "--impls", args.impls, common.models.IMPLS)
 
     env = common.environment()
     common.print_environment(env)

@@ -19,9 +19,10 @@ JAX and PyTorch of one configuration are timed round-robin in the same process (
 median and the minimum. Peak memory: JAX from the compiled executable's `memory_analysis()`
 (arguments + outputs + temporaries − donated aliases); PyTorch as what one step allocates on
 top of the live model and optimiser state (`common.torch_memory_growth`: the CUDA allocator's
-peak, or on CPU the C heap sampled every millisecond, as its CPU allocator keeps no peak). MFU
-is XLA's FLOP count of the step over its time, divided by the peak `common.assumed_peak` states;
-the PyTorch column uses the same FLOP count (same network).
+peak, or on CPU the C heap sampled every millisecond, as its CPU allocator keeps no peak), for
+the first `--torch-dtypes`. GFLOP/s is XLA's FLOP count of the JAX step (`cost_analysis`) over
+its median time, and MFU % that over the peak `common.assumed_peak` prints (`--peak-tflops`
+overrides it); the PyTorch columns give time, clips/s and the JAX/PyTorch time ratio, no MFU.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def fmt_rows(rows: list[dict], mode: str, peak: float) -> str:
     for d in torch_dtypes:
         head += f" PT {d} ms median (min) | PT {d} clips/s | JAX/PT {d} time |"
     if torch_dtypes:
-        head += " PT mem+ MiB |"
+        head += f" PT {torch_dtypes[0]} mem+ MiB |"
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         name = common.model_name(r["form"], r["placement"])
@@ -116,9 +117,14 @@ def main() -> None:
         "--torch-dtypes",
         type=common.csv,
         default=None,
-        help="PyTorch dtypes timed beside each JAX row (default: the row's own dtype)",
+        help="PyTorch dtypes timed beside each JAX row, float32 (eager) and/or bfloat16 "
+        "(autocast); default: the row's own dtype",
     )
     args = parser.parse_args()
+    common.check_common_flags(parser, args)
+    common.check_choices(parser, "--modes", args.modes, ["infer", "train"])
+    if args.torch_dtypes is not None:
+        common.check_choices(parser, "--torch-dtypes", args.torch_dtypes, list(common.DTYPES))
 
     env = common.environment()
     common.print_environment(env)

@@ -42,7 +42,8 @@ _NOT_KERNELS = ("parameter", "constant", "bitcast", "tuple", "get-tuple-element"
 
 
 # An instruction line: its name, its (possibly tuple) shape and its opcode.
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w\-]+)\(")
+# (Newer XLA versions print names without the `%`.)
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?(\S+) = (\(.*?\)|\S+) ([\w\-]+)\(")
 
 
 def entry_instructions(compiled) -> list[tuple[str, str, str, str]]:
@@ -109,14 +110,21 @@ def build(unit: str, impl: str, shape: tuple[int, ...], dtype, models=attention)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--units", type=common.csv, default=["C", "ST", "CinST", "STinC"])
-    parser.add_argument("--impls", type=common.csv, default=["fused"])
+    parser.add_argument(
+        "--units", type=common.csv, default=["C", "ST", "CinST", "STinC"], help="C,ST,CinST,STinC"
+    )
+    parser.add_argument("--impls", type=common.csv, default=["fused"], help="fused,xla")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--baseline", help="checkout whose fused.py to time alongside")
+    parser.add_argument("--dtype", default="float32", choices=list(common.DTYPES))
+    parser.add_argument("--reps", type=int, default=15, help="timed rounds (median)")
+    parser.add_argument(
+        "--baseline", help="checkout whose attention.py and fused.py to time alongside"
+    )
     args = parser.parse_args()
+    common.check_choices(parser, "--units", args.units, list(attention.UNIT_GATES))
+    common.check_choices(parser, "--impls", args.impls, attention.IMPLS)
+    common.check_at_least(parser, args, 1, "batch", "frames", "reps")
     common.print_environment(common.environment())
     dtype = common.DTYPES[args.dtype]
 

@@ -172,8 +172,25 @@ def main() -> None:
 
     import common
 
+    names, sets = common.csv(args.names), [s for s in args.sets.split(";") if s]
+    for name in names:
+        try:
+            common.models.parse_name(name)
+        except ValueError:
+            parser.error(f"--names: unknown {name}; e.g. TSM, TSM_CinST_BN, C2D_STinC_BN")
+    if not names or len(set(names)) != len(names):
+        parser.error(f"--names: each network once, got {args.names!r}")
+    if len(set(sets)) != len(sets):
+        parser.error(f"--sets: each set once, got {args.sets!r}")
+    unknown = [s for s in sets if s not in FLAG_SETS]
+    if unknown or not sets:
+        parser.error(f"--sets: unknown {unknown or 'nothing given'}; FLAG_SETS: {list(FLAG_SETS)}")
+    common.check_choices(parser, "--dtype", [args.dtype], list(common.DTYPES))
+    if args.impl is not None:
+        common.check_choices(parser, "--impl", [args.impl], common.models.IMPLS)
+    common.check_at_least(parser, args, 1, "batch", "frames", "size", "reps")
+    common.check_at_least(parser, args, 0, "warmup", "loop")
     common.print_environment(common.environment())
-    names, sets = args.names.split(","), args.sets.split(";")
     skip = ("sets", "child", "names", "retain_host_memory", "trim_threshold")
     modes = ("infer", "train", "loop") if args.loop > 0 else ("infer", "train")
     shared = [f"--{k}={v}" for k, v in vars(args).items() if k not in skip]
@@ -187,7 +204,7 @@ def main() -> None:
                 [sys.executable, __file__, "--child", f"--names={name}", *shared]
                 + (["--retain-host-memory"] if retain else [])
                 + ([f"--trim-threshold={trim}"] if trim is not None else []),
-                env=dict(os.environ, XLA_FLAGS=xla_flags),
+                env=dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu"),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -1,0 +1,164 @@
+"""Cheap checks of the benchmark scripts under bench/: their command lines and table formulas.
+
+Nothing here compiles a network or times anything: bad arguments must stop with a one-line
+usage error before any work, the tables' derived columns must follow from the raw numbers, and
+bench/gpu_session.sh must call only flags its scripts take.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import flops  # noqa: E402
+import overhead  # noqa: E402
+import step  # noqa: E402
+import unit  # noqa: E402
+
+
+def _usage_error(module, *argv: str) -> str:
+    """Runs `module.main()` on `argv`; returns its stderr, which must be a usage error."""
+    err = io.StringIO()
+    old = sys.argv
+    sys.argv = [f"{module.__name__}.py", *argv]
+    try:
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+            module.main()
+    finally:
+        sys.argv = old
+    assert exit_info.value.code == 2, err.getvalue()
+    return err.getvalue().strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "message"),
+    [
+        (step, ["--dtype", "float16"], "--dtype: unknown float16"),
+        (step, ["--forms", "X3D"], "--forms: unknown X3D"),
+        (step, ["--modes", "infer,eval"], "--modes: unknown eval"),
+        (step, ["--torch-dtypes", "float16"], "--torch-dtypes: unknown float16"),
+        (step, ["--batch-sizes", "0"], "expected integers of at least 1"),
+        (step, ["--reps", "0"], "--reps: expected at least 1"),
+        (overhead, ["--impls", "xla,fast"], "--impls: unknown fast"),
+        (overhead, ["--placements", "none,CinSt"], "--placements: unknown CinSt"),
+        (overhead, ["--compiler-options", "novalue"], "expected KEY=VALUE"),
+        (overhead, ["--placements", "none,CinST,none"], "--placements: each once"),
+        (flops, ["--impls", "fast"], "--impls: unknown fast"),
+        (unit, ["--units", "CinST,X"], "--units: unknown X"),
+        (unit, ["--dtype", "float16"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_give_one_usage_line(module, argv, message):
+    assert message in _usage_error(module, *argv)
+
+
+def test_overhead_reads_impl_as_impls():
+    """`--impl` would be ignored by a script that takes `--impls`: argparse abbreviates it."""
+    assert "--size: expected at least 1" in _usage_error(overhead, "--impl", "xla", "--size", "0")
+
+
+def test_common_csv_and_ints():
+    assert common.csv("a,,b") == ["a", "b"]
+    assert common.ints("1,2,8") == [1, 2, 8]
+    assert overhead._compiler_options("--a=1,b=x") == {"a": "1", "b": "x"}
+    assert overhead._compiler_options("a=dot,reduce,b=2") == {"a": "dot,reduce", "b": "2"}
+
+
+def test_paired_overhead():
+    median, lo, hi = common.paired_overhead([1.1] * 5, [1.0] * 5)
+    assert median == pytest.approx(10) and lo == pytest.approx(10) and hi == pytest.approx(10)
+    # Five rounds: the 90 % interval is [min, max] of the ratios (coverage 1 - 2/32).
+    median, lo, hi = common.paired_overhead([1.0, 1.1, 1.2, 1.3, 1.5], [1.0] * 5)
+    assert (median, lo, hi) == pytest.approx((20, 0, 50))
+    assert all(math.isnan(v) for v in common.paired_overhead([1.1] * 4, [1.0] * 4)[1:])
+    assert common.fmt_overhead(5.06, float("nan"), float("nan")) == "+5.1 % [–]"
+
+
+def test_step_table_columns():
+    row = {
+        "form": "TSM", "placement": "CinST", "dtype": "bfloat16", "batch": 4, "mode": "train",
+        "jax_ms_median": 200.0, "jax_ms_min": 190.0, "compile_s": 12.0, "flops": 1e12,
+        "peak_bytes": 2**30, "temp_bytes": 2**29,
+        "torch_dtypes": ["float32", "bfloat16"],
+        "torch-float32_ms_median": 400.0, "torch-float32_ms_min": 380.0,
+        "torch-bfloat16_ms_median": 250.0, "torch-bfloat16_ms_min": 240.0,
+        "torch_mem_growth_bytes": 3 * 2**20,
+    }  # fmt: skip
+    head, _, line = step.fmt_rows([row], "train", peak=1e13).splitlines()
+
+    def split(text: str) -> list[str]:
+        return [cell.strip() for cell in text.strip().strip("|").split("|")]
+
+    cells = dict(zip(split(head), split(line), strict=True))
+    assert cells["clips/s"] == "20.00"  # batch / median step time
+    assert cells["GFLOP/s"] == "5000"  # FLOPs / median time
+    assert cells["MFU %"] == "50.0"  # FLOP/s / peak
+    assert cells["XLA peak (temp) MiB"] == "1024 (512)"
+    assert cells["PT float32 clips/s"] == "10.00"
+    assert cells["JAX/PT float32 time"] == "0.50"
+    assert cells["JAX/PT bfloat16 time"] == "0.80"
+    assert cells["PT float32 mem+ MiB"] == "3"
+
+
+def test_flops_stage_sizes():
+    assert flops.stage_sizes(224) == [56, 28, 14, 7]
+    assert flops.stage_sizes(32) == [8, 4, 2, 1]
+
+
+def test_unit_instruction_regex_with_and_without_percent():
+    for line in (
+        "  %fusion.3 = f32[1,8,56,56,64]{4,3,2,1,0} fusion(%p0), kind=kLoop",
+        "  ROOT tuple.1 = (f32[2]{0}, f32[3]{0}) tuple(a, b)",
+    ):
+        assert unit._INSTRUCTION.match(line)
+
+
+def test_gpu_session_calls_existing_flags():
+    """Each `part` of bench/gpu_session.sh names a script and flags that script accepts."""
+    text = (BENCH / "gpu_session.sh").read_text()
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", str(BENCH / "gpu_session.sh")], check=True)
+    calls = re.findall(r"^part \w+ \d+ (bench/\w+\.py)((?:.*\\\n)*.*)$", text, re.M)
+    modules = {"bench/step.py": step, "bench/overhead.py": overhead, "bench/unit.py": unit}
+    assert {script for script, _ in calls} == set(modules)
+    for script, rest in calls:
+        out = io.StringIO()
+        old = sys.argv
+        sys.argv = [script, "--help"]
+        try:
+            with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+                modules[script].main()
+        finally:
+            sys.argv = old
+        accepted = set(re.findall(r"--[\w-]+", out.getvalue()))
+        for flag in re.findall(r"(?<!\S)--[\w-]+", rest):
+            assert flag in accepted, f"{script} takes no {flag}"
+        if script != "bench/unit.py":  # the script adds --json to these
+            assert "--json" in accepted
+
+
+@pytest.mark.parametrize(
+    ("vendor", "family", "flags", "expected"),
+    [
+        ("GenuineIntel", "6", "fma avx2 avx512f", 64),
+        ("AuthenticAMD", "25", "fma avx2 avx512f", 32),  # Zen 4: 256-bit FMA pipes
+        ("AuthenticAMD", "26", "fma avx2 avx512f", 64),  # Zen 5
+        ("AuthenticAMD", "25", "fma avx2", 32),
+    ],
+)
+def test_cpu_peak_flop_per_cycle(monkeypatch, vendor, family, flags, expected):
+    info = {"vendor_id": vendor, "cpu family": family, "flags": flags}
+    monkeypatch.setattr(common, "_cpuinfo", lambda field: info.get(field, ""))
+    assert common.cpu_flop_per_cycle()[0] == expected
