@@ -147,3 +147,19 @@ def test_an_empty_batch_gives_empty_logits():
     variables = net.init(KEY, jnp.zeros((1, 2, 32, 32, 3)), train=False)
     logits = net.apply(variables, jnp.zeros((0, 2, 32, 32, 3)), train=False)
     assert logits.shape == (0, 3) and logits.dtype == jnp.float32
+
+
+def test_classifier_in_the_backbone_is_initialised_as_new_fc():
+    """dropout=0 puts the classifier at base_model/fc; the release's TSN initialises it as it
+    does new_fc, normal(0, 0.001) with zero bias."""
+    shapes = {}
+    for dropout in (0.0, 0.5):
+        net = models.create(
+            "TSM", num_classes=64, num_segments=2, depth=14, width=8, dropout=dropout
+        )
+        params = net.init(jax.random.key(0), jnp.zeros((1, 2, 32, 32, 3)), train=False)["params"]
+        head = params["base_model"]["fc"] if dropout == 0 else params["new_fc"]
+        shapes[dropout] = head["kernel"].shape
+        assert 0.0007 < float(jnp.std(head["kernel"])) < 0.0013, dropout
+        assert not jnp.any(head["bias"])
+    assert shapes[0.0] == shapes[0.5]

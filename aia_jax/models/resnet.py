@@ -13,7 +13,7 @@ The attention of the release sits after `bn2` and before its ReLU in the blocks 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -263,6 +263,7 @@ class ResNet(nn.Module):
       attention: the placement applied in the selected blocks.
       num_classes: when set, the torchvision `fc` layer is applied here (the release does this
         when dropout is 0); otherwise the pooled features are returned.
+      fc_init: that layer's kernel initialiser (the release's TSN head: normal(0, 0.001)).
       partial_bn: TSN's partial BN — every backbone BatchNorm but the stem's `bn1` runs on its
         running statistics in training. The attention's gate BatchNorms are not affected (the
         release freezes `BatchNorm2d` layers only; the gates' are 3D).
@@ -275,6 +276,7 @@ class ResNet(nn.Module):
     attention: str = "none"
     shift_place: str = "blockres"
     num_classes: int | None = None
+    fc_init: Callable[..., jax.Array] = nn.linear.default_kernel_init
     partial_bn: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -354,6 +356,10 @@ class ResNet(nn.Module):
         x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), dtype=jnp.float32)
         if self.num_classes is not None:
             x = nn.Dense(
-                self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc"
+                self.num_classes,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=self.fc_init,
+                name="fc",
             )(x)
         return x

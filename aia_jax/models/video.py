@@ -95,6 +95,8 @@ class VideoNet(nn.Module):
             attention=self.placement,
             shift_place=self.shift_place,
             num_classes=self.num_classes if head_in_base else None,
+            # The release's TSN initialises its classifier so wherever it sits (`new_fc` below).
+            fc_init=nn.initializers.normal(0.001),
             partial_bn=self.partial_bn,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
