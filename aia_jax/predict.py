@@ -196,13 +196,19 @@ def read_clip(path: str, num_segments: int, settings: Mapping[str, Any]) -> np.n
         clip = decode.read_video(path, pick)
     else:
         raise InputNotFoundError(f"{path}: no such video file or frame folder")
-    geometry = transforms.Geometry(
+    return transforms.eval_clips(clip[None], eval_geometry(settings))
+
+
+def eval_geometry(settings: Mapping[str, Any]) -> Any:
+    """The `transforms.Geometry` of `preprocessing_settings`: resize, one centre crop."""
+    from aia_jax.data import transforms
+
+    return transforms.Geometry(
         resize=tuple(settings["resize"]),
         resize_short_side=int(settings["resize_short_side"]),
         crop_size=int(settings["crop_size"]),
         test_crops=1,
     )
-    return transforms.eval_clips(clip[None], geometry)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,12 +138,7 @@ def predict_stream(
     if class_names is not None and len(class_names) != model.num_classes:
         raise UserError(f"{len(class_names)} class names for a {model.num_classes}-class model")
     settings = predict.preprocessing_settings(checkpoint, resize=resize, crop_size=crop_size)
-    geometry = transforms.Geometry(
-        resize=tuple(settings["resize"]),
-        resize_short_side=int(settings["resize_short_side"]),
-        crop_size=int(settings["crop_size"]),
-        test_crops=1,
-    )
+    geometry = predict.eval_geometry(settings)
     container = open_source(source, input_format, options)
     fps = frame_rate(container) or DEFAULT_FPS
     size = max(int(model.num_segments), round(window_seconds * fps))
