@@ -51,9 +51,9 @@ class MetricWriter:
         self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(
-            os.path.join(workdir, TB_DIR), purge_step=resume_step + 1 if resume_step else None
-        )
+        # Events of a run that stopped after `resume_step` (after step 0: one that crashed
+        # before its first checkpoint) are hidden, as its metrics.jsonl lines are dropped.
+        self._tb = SummaryWriter(os.path.join(workdir, TB_DIR), purge_step=resume_step + 1)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         if not self.active:
@@ -77,8 +77,18 @@ def _truncate_after(path: str, step: int) -> None:
         return
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(keep) == len(lines):
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash (or a full disk) mid-write
+            from absl import logging
+
+            logging.warning("%s: dropping a damaged line: %.80s", path, line.strip())
+            continue
+        if record.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep == lines:
         return
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
