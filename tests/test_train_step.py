@@ -201,11 +201,17 @@ def test_partial_bn_freezes_statistics_and_parameters():
 
 def test_logged_grad_norm_leaves_out_frozen_batchnorms():
     """With partial BN the logged norm is the one clipping sees, not the frozen BNs' too."""
-    state, fn = setup(partial_bn=True, dropout=0.0)
+    state, fn = setup(partial_bn=True, dropout=0.0, name="TSM")
+    # A classifier of weight 0.3 rather than the release's 0.001, so that the backbone's
+    # BatchNorms get gradients large enough to show in the norm.
+    fc = dict(state.params["base_model"]["fc"])
+    fc["kernel"] = 0.3 * np.random.default_rng(0).standard_normal(fc["kernel"].shape, np.float32)
+    params = {**state.params, "base_model": {**state.params["base_model"], "fc": fc}}
+    state = state.replace(params=params)
     b = batch(8)
     _, (metrics,) = run_steps(state, fn, [b], jax.devices()[:1])
     model = models.create(
-        "TSM_CinST_BN", num_classes=CLASSES, num_segments=T, depth=14, width=8, dropout=0.0,
+        "TSM", num_classes=CLASSES, num_segments=T, depth=14, width=8, dropout=0.0,
         partial_bn=True,
     )  # fmt: skip
 
@@ -215,12 +221,12 @@ def test_logged_grad_norm_leaves_out_frozen_batchnorms():
         logits, _ = model.apply(variables, clips, train=True, mutable=["batch_stats"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, b["label"]).mean()
 
-    grads = jax.grad(loss)(state.params)
+    grads = jax.jit(jax.grad(loss))(state.params)
     labels = jax.tree.leaves(optim.param_labels(grads, partial_bn=True))
     squares = {"frozen": 0.0, "used": 0.0}
     for g, label in zip(jax.tree.leaves(grads), labels):
         squares["frozen" if label == "frozen" else "used"] += float(np.sum(np.square(g)))
-    assert squares["frozen"] > 1e-3 * squares["used"]  # would show in the norm
+    assert squares["frozen"] > 1e-2 * squares["used"]  # would show in the norm
     np.testing.assert_allclose(metrics["grad_norm"], np.sqrt(squares["used"]), rtol=1e-4)
 
 
