@@ -104,13 +104,14 @@ def test_forward_mode_through_the_whole_network_with_xla_attention(form):
         f"{form}_CinST", num_classes=3, num_segments=2, depth=14, width=8, attention_impl="xla"
     )
     clips = jax.random.normal(KEY, (1, 2, 32, 32, 3))
-    variables = net.init(KEY, clips, train=False)
+    # Jitted: op by op, the network's hundreds of small ops take a minute to dispatch.
+    variables = jax.jit(lambda k: net.init(k, clips, train=False))(KEY)
     f = lambda x: net.apply(variables, x, train=False)  # noqa: E731
     tangent = jax.random.normal(jax.random.key(1), clips.shape)
-    y, dy = jax.jvp(f, (clips,), (tangent,))
+    y, dy = jax.jit(lambda x, t: jax.jvp(f, (x,), (t,)))(clips, tangent)
     # Reverse mode gives the same directional derivative: <grad(c·y), t> = c·dy.
     cot = jnp.arange(3.0)[None]
-    (g,) = jax.vjp(f, clips)[1](cot)
+    g = jax.jit(lambda x: jax.vjp(f, x)[1](cot)[0])(clips)
     np.testing.assert_allclose(
         float(jnp.vdot(g, tangent)), float(jnp.vdot(cot, dy)), rtol=1e-4, atol=1e-6
     )
@@ -144,8 +145,10 @@ def test_xla_gate_conv_of_a_bf16_network_computes_in_float32():
 def test_an_empty_batch_gives_empty_logits():
     # The frames were regrouped into clips with a -1 reshape, which fails on zero frames.
     net = models.create("TSM_CinST", num_classes=3, num_segments=2, depth=14, width=8)
-    variables = net.init(KEY, jnp.zeros((1, 2, 32, 32, 3)), train=False)
-    logits = net.apply(variables, jnp.zeros((0, 2, 32, 32, 3)), train=False)
+    variables = jax.jit(lambda k: net.init(k, jnp.zeros((1, 2, 32, 32, 3)), train=False))(KEY)
+    logits = jax.jit(lambda v, x: net.apply(v, x, train=False))(
+        variables, jnp.zeros((0, 2, 32, 32, 3))
+    )
     assert logits.shape == (0, 3) and logits.dtype == jnp.float32
 
 
