@@ -238,10 +238,7 @@ def export_checkpoint(
     crop_size = int(crop_size or settings["crop_size"])
     compute_dtype = jnp.dtype(dtype)
     model = modelio.create_model(meta, dtype=compute_dtype)
-    if class_names is None:
-        class_names = predict.find_class_names(checkpoint, meta)
-    if class_names is not None and len(class_names) != model.num_classes:
-        raise UserError(f"{len(class_names)} class names for a {model.num_classes}-class model")
+    class_names = predict.checked_class_names(checkpoint, meta, model.num_classes, class_names)
     exported = export_model(
         model,
         variables,

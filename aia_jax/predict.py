@@ -117,6 +117,19 @@ def find_class_names(checkpoint: str, meta: Mapping[str, Any]) -> list[str] | No
     return names if names != [str(i) for i in range(len(names))] else None
 
 
+def checked_class_names(
+    checkpoint: str,
+    meta: Mapping[str, Any],
+    num_classes: int,
+    given: Sequence[str] | None = None,
+) -> list[str] | None:
+    """`given` names (e.g. `--classnames`), else `find_class_names`; one per class, or None."""
+    names = find_class_names(checkpoint, meta) if given is None else list(given)
+    if names is not None and len(names) != num_classes:
+        raise UserError(f"{len(names)} class names for a {num_classes}-class model")
+    return names
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading the clip.
 
@@ -289,10 +302,7 @@ def predict(
     )
     clip = read_clip(video, model.num_segments, settings)
     logits = predict_clip(model, variables, clip)[0]
-    if class_names is None:
-        class_names = find_class_names(checkpoint, meta)
-    if class_names is not None and len(class_names) != model.num_classes:
-        raise UserError(f"{len(class_names)} class names for a {model.num_classes}-class model")
+    class_names = checked_class_names(checkpoint, meta, model.num_classes, class_names)
     return {
         "video": video,
         "checkpoint": checkpoint,

@@ -133,10 +133,7 @@ def predict_stream(
         raise UserError(f"every {every}: expected a positive number of frames")
     variables, meta = modelio.load_model(checkpoint)
     model = modelio.create_model(meta)
-    if class_names is None:
-        class_names = predict.find_class_names(checkpoint, meta)
-    if class_names is not None and len(class_names) != model.num_classes:
-        raise UserError(f"{len(class_names)} class names for a {model.num_classes}-class model")
+    class_names = predict.checked_class_names(checkpoint, meta, model.num_classes, class_names)
     settings = predict.preprocessing_settings(checkpoint, resize=resize, crop_size=crop_size)
     geometry = predict.eval_geometry(settings)
     container = open_source(source, input_format, options)

@@ -13,6 +13,17 @@ from aia_jax import evaluate, export, predict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _train_py(config, workdir, *args) -> subprocess.CompletedProcess:
+    """`python train.py --config CONFIG --workdir WORKDIR ARGS…` from the repository root."""
+    return subprocess.run(
+        [sys.executable, "train.py", "--config", str(config), "--workdir", str(workdir), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def _one_error_line(capsys, main, argv, program) -> str:
     """The one line a program prints to stderr for bad input (argparse's errors included)."""
     with pytest.raises(SystemExit) as info:
@@ -111,14 +122,7 @@ def test_predict_and_export_errors(capsys, tmp_path):
     ],
 )  # fmt: skip
 def test_train_py_errors(tmp_path, args, message):
-    result = subprocess.run(
-        [sys.executable, "train.py", "--config", "configs/default.py"]
-        + ["--workdir", str(tmp_path / "w"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _train_py("configs/default.py", tmp_path / "w", *args)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith(message), result.stderr
@@ -138,13 +142,7 @@ def test_train_py_rejects_a_misspelt_field_of_the_config_file(tmp_path):
         "    c.num_epoch = 0.25\n"
         "    return c\n"
     )
-    result = subprocess.run(
-        [sys.executable, "train.py", "--config", str(config), "--workdir", str(tmp_path / "w")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _train_py(config, tmp_path / "w")
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert errors == [

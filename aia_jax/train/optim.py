@@ -120,6 +120,16 @@ def _sgd(schedule: Schedule, lr_mult: float, weight_decay: float, momentum: floa
     return optax.chain(*parts)
 
 
+def clipped_norm(grads: PyTree, *, partial_bn: bool = False) -> jax.Array:
+    """The global norm `make_optimizer`'s clipping sees: partial BN's frozen BatchNorms, whose
+    gradients it zeroes first, left out."""
+    if not partial_bn:
+        return optax.tree.norm(grads)
+    labels = jax.tree.leaves(param_labels(grads, partial_bn=True))
+    used = [g for g, label in zip(jax.tree.leaves(grads), labels) if label != "frozen"]
+    return optax.tree.norm(used)
+
+
 def make_optimizer(
     cfg: Mapping[str, Any], params: PyTree, schedule: Schedule
 ) -> optax.GradientTransformation:

@@ -51,15 +51,6 @@ def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def _trainable_norm(grads: PyTree, *, partial_bn: bool) -> jax.Array:
-    """Global norm of the gradients the optimiser uses (frozen BatchNorms have one, unused)."""
-    if not partial_bn:
-        return optax.tree.norm(grads)
-    labels = jax.tree.leaves(optim.param_labels(grads, partial_bn=True))
-    used = [g for g, label in zip(jax.tree.leaves(grads), labels) if label != "frozen"]
-    return optax.tree.norm(used)
-
-
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -132,7 +123,7 @@ def make_train_step(
             (grads, batch_stats, loss, top1), _ = jax.lax.scan(body, init, micro)
             grads = jax.tree.map(lambda g: g / a, grads)
             loss, top1 = loss / a, top1 / a
-        grad_norm = _trainable_norm(grads, partial_bn=bool(getattr(model, "partial_bn", False)))
+        grad_norm = optim.clipped_norm(grads, partial_bn=bool(getattr(model, "partial_bn", False)))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
