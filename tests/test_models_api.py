@@ -166,3 +166,68 @@ def test_classifier_in_the_backbone_is_initialised_as_new_fc():
         assert 0.0007 < float(jnp.std(head["kernel"])) < 0.0013, dropout
         assert not jnp.any(head["bias"])
     assert shapes[0.0] == shapes[0.5]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "train"])
+def test_gradients_on_an_empty_batch_match_xla(train):
+    # The fused gate convolution probed the map's first element (IndexError on 0 clips), and
+    # its batch norm's gradient divided by the Python int n = 0 (ZeroDivisionError); 'xla' gave
+    # gradients. The loss does not depend on the parameters: their gradients are 0 ('xla' makes
+    # its gate BatchNorms' scale gradients NaN in training, 0·(1/√var) with var of no values).
+    x = jnp.zeros((0, 2, 4, 4, 8))
+    grads = {}
+    for impl in models.IMPLS:
+        unit = models.AttentionUnit("CinST", impl=impl)
+        init = jax.jit(lambda k, u=unit: u.init(k, jnp.ones((1, 2, 4, 4, 8)), train=False))
+        variables = init(KEY)
+
+        def loss(params, x, unit=unit, variables=variables):
+            y, _ = unit.apply(
+                {**variables, "params": params}, x, train=train, mutable=["batch_stats"]
+            )
+            return jnp.sum(y)
+
+        grads[impl] = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
+    (params, dx), (want_params, want_dx) = grads["fused"], grads["xla"]
+    assert dx.shape == want_dx.shape == x.shape
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params), strict=True):
+        assert not np.any(got), got
+        np.testing.assert_array_equal(got, np.where(np.isnan(want), 0, want))
+
+
+@pytest.mark.parametrize("name", ["TSM_BN", "C2D_BN", "I3D_BN"])
+def test_a_bn_suffix_without_placement_is_rejected(name):
+    # `_BN` belongs to a placement in the release's names (TSM_CinST_BN); TSM_BN used to build
+    # a plain TSM without a word, hiding a placement lost from the name.
+    with pytest.raises(ValueError, match=f"unknown model name '{name}'; valid names: C2D, ") as e:
+        models.create(name, num_classes=3)
+    assert "\n" not in str(e.value)
+    # The release's names, with or without `_BN` after a placement, still parse.
+    form = name[:3]
+    assert models.parse_name(form) == models.ModelName(form, "none")
+    assert models.parse_name(f"{form}_CinST") == models.parse_name(f"{form}_CinST_BN")
+    for valid in models.valid_names():
+        assert models.parse_name(valid).canonical == valid
+
+
+def test_i3d_takes_clips_of_any_length():
+    # The 3D form's convolutions and pooling take any T (num_segments is its data's clip
+    # length), but VideoNet refused every T but num_segments; the 2D forms still need it.
+    i3d = models.create("I3D_CinST", num_classes=3, num_segments=4, depth=14, width=8)
+    clips = jax.random.normal(KEY, (1, 2, 16, 16, 3))
+    shapes = _init(i3d, _struct((1, 4, 16, 16, 3)), train=False)  # as built for its 4 frames
+    variables = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes)
+    logits = jax.jit(lambda v, x: i3d.apply(v, x, train=False))(variables, clips)
+    assert logits.shape == (1, 3) and np.all(np.isfinite(logits))
+    with pytest.raises(ValueError, match=r"clips \[B, T, H, W, 3\], T >= 1, got shape"):
+        _init(i3d, _struct((1, 0, 16, 16, 3)), train=False)
+    tsm = models.create("TSM_CinST", num_classes=3, num_segments=4, depth=14, width=8)
+    with pytest.raises(ValueError, match=r"\[B, 4, H, W, 3\] \(T = num_segments for TSM\)"):
+        _init(tsm, _struct((1, 2, 16, 16, 3)), train=False)
+
+
+def test_create_rejects_a_clip_length_below_one():
+    # num_segments=0 built a network that failed as a modulo by zero when applied.
+    for n in (0, -2):
+        with pytest.raises(ValueError, match=f"num_segments must be a positive integer, got {n}"):
+            models.create("TSM", num_classes=3, num_segments=n)

@@ -1,6 +1,6 @@
 """The release's `VideoNet`: backbone, dropout, classifier, consensus; and the name grammar.
 
-A name is `<BACKBONE>[_<PLACEMENT>][_BN]` with BACKBONE in C2D (TSN), TSM or I3D and PLACEMENT
+A name is `<BACKBONE>[_<PLACEMENT>[_BN]]` with BACKBONE in C2D (TSN), TSM or I3D and PLACEMENT
 one of the eleven of the release, e.g. `TSM`, `TSM_CinST_BN`, `C2D_STinCplusCinST`, `I3D_CinST`.
 """
 
@@ -44,7 +44,9 @@ def parse_name(name: str) -> ModelName:
         parts = parts[:-1]
     form = parts[0]
     placement = "_".join(parts[1:]) or "none"
-    named_none = len(parts) > 1 and placement == "none"
+    # 'none' is not spelt out, and `_BN` belongs to a placement (the release's `TSM_CinST_BN`):
+    # `TSM_BN` is no release name, and likely one whose placement was lost.
+    named_none = name != form and placement == "none"
     if form not in TEMPORAL_FORMS or placement not in PLACEMENTS or named_none:
         raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(valid_names())}")
     return ModelName(form, placement)
@@ -54,8 +56,10 @@ class VideoNet(nn.Module):
     """Clips `[B, T, H, W, 3]` (normalised) → float32 logits `[B, num_classes]`.
 
     2D forms (C2D, TSM): frames through the ResNet, dropout, `new_fc` per frame, average over T
-    (the release's "avg consensus"). I3D: global space-time pooling, dropout, `new_fc`. With
-    dropout 0 the classifier is the backbone's `fc`, as the release places it.
+    (the release's "avg consensus"); T must be `num_segments`. I3D: global space-time pooling,
+    dropout, `new_fc`; any T works (`num_segments` is the clip length the data pipeline, predict
+    and export use). With dropout 0 the classifier is the backbone's `fc`, as the release places
+    it.
     """
 
     num_classes: int
@@ -73,10 +77,15 @@ class VideoNet(nn.Module):
 
     @nn.compact
     def __call__(self, clips: jax.Array, *, train: bool) -> jax.Array:
-        if clips.ndim != 5 or clips.shape[1] != self.num_segments or clips.shape[-1] != 3:
-            raise ValueError(
-                f"expected clips [B, {self.num_segments}, H, W, 3], got shape {clips.shape}"
-            )
+        # The 2D forms regroup frames into clips of num_segments (shift, gates, consensus); the
+        # 3D form's convolutions and pooling take any T, num_segments being its data's clip length.
+        if self.form == "I3D":
+            frames_ok, want = clips.ndim == 5 and clips.shape[1] >= 1, "[B, T, H, W, 3], T >= 1"
+        else:
+            frames_ok = clips.ndim == 5 and clips.shape[1] == self.num_segments
+            want = f"[B, {self.num_segments}, H, W, 3] (T = num_segments for {self.form})"
+        if not frames_ok or clips.shape[-1] != 3:
+            raise ValueError(f"expected clips {want}, got shape {clips.shape}")
         if not jnp.issubdtype(clips.dtype, jnp.floating):
             raise ValueError(
                 f"expected floating-point clips, normalised as the release's "
@@ -152,6 +161,8 @@ def create(
       The `VideoNet` module; apply it as `module.apply(variables, clips, train=False)`.
     """
     spec = parse_name(name)
+    if num_segments < 1:  # 0 used to fail as a modulo by zero when first applied
+        raise ValueError(f"num_segments must be a positive integer, got {num_segments}")
     if depth not in STAGE_SIZES:
         raise ValueError(f"depth must be one of {sorted(STAGE_SIZES)}, got {depth}")
     if shift_place not in ("blockres", "block"):
