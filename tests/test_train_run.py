@@ -406,3 +406,27 @@ def test_progress_bar_shows_the_figures_of_the_interval_it_reports(capsys):
         drawn = capsys.readouterr().err.split("\r")[-1]
         assert f"{step}/10" in drawn and f"loss={loss:.4g}" in drawn, drawn
     progress.close()
+
+
+def test_preemption_on_a_validation_step_validates_before_saving(
+    env, reference, tmp_path, monkeypatch
+):
+    """A preemption that lands on a validation step (step 4, the end of epoch 1) saves that
+    step validated, with its metric: it competes for "best" like the uninterrupted run's."""
+    import importlib
+
+    run_module = importlib.import_module("aia_jax.train.run")
+    monkeypatch.setattr(run_module._Preemption, "reached", lambda self, step: step == 4)
+    workdir = str(tmp_path / "w")
+    summary = train.run(tiny_config(env["data_dir"]), workdir)
+    assert summary["preempted"] and summary["step"] == 4
+    val = {r["step"]: r["val/top1"] for r in read_metrics(reference[0]) if "val/top1" in r}
+    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+        assert ckpts.metrics(4) == {"val_top1": pytest.approx(val[4], rel=1e-5)}
+    finally:
+        ckpts.close()
+    monkeypatch.undo()
+    summary = train.run(tiny_config(env["data_dir"]), workdir)
+    assert summary["step"] == 12 and summary["best_step"] == reference[1]["best_step"]
+    assert_same_run(workdir, reference[0], after_step=3)

@@ -405,8 +405,9 @@ def _run(
     train_batches: Iterator[dict[str, np.ndarray]] = iter(train_iter)
     try:
         if latest is not None and is_eval_step(step) and ckpts.metrics(step) is None:
-            # Preempted right after this step, before its validation: run it now. (The
-            # checkpoint stays without metrics, so it does not compete for "best".)
+            # Saved by a preemption without its validation (by an older version of the loop):
+            # run it now. (The checkpoint stays without metrics, so it does not compete for
+            # "best".)
             validate(state)
         while step < total_steps:
             batch = data.to_global(next(train_batches), mesh)
@@ -414,25 +415,28 @@ def _run(
             pending.append(metrics)
             step += 1
 
-            if preemption.reached(step):
-                flush()
-                ckpts.save(step, state, train_iter)
-                progress.write(f"Preempted: saved step {step} to {ckpts.directory}; exiting.")
-                preempted = True
-                break
+            preempted = preemption.reached(step)
             evaluate_now = is_eval_step(step)
             save_now = (
-                evaluate_now or step == total_steps or (ckpt_every > 0 and step % ckpt_every == 0)
+                preempted
+                or evaluate_now
+                or step == total_steps
+                or (ckpt_every > 0 and step % ckpt_every == 0)
             )
             if save_now or step % log_every == 0:
                 flush()
             if evaluate_now:
+                # Before the save, a preemption's included: a checkpoint saved without its
+                # metric could never be the best one, even after the resumed run validated it.
                 validate(state)
             if save_now:
                 metrics = (
                     {BEST_METRIC: last_val[BEST_METRIC]} if evaluate_now and last_val else None
                 )
                 ckpts.save(step, state, train_iter, metrics=metrics)
+            if preempted:
+                progress.write(f"Preempted: saved step {step} to {ckpts.directory}; exiting.")
+                break
         flush()
     finally:
         try:
