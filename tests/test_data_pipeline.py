@@ -92,7 +92,10 @@ def test_orbax_checkpoint_of_the_iterator(frames_root, tmp_path):
 
 def test_worker_processes_give_the_same_batches_and_resume(frames_root):
     c = config(frames_root)
-    expected = take(train(c), 5)
+    in_process = train(c)
+    expected = take(in_process, 3)
+    in_process_state = in_process.get_state()
+    expected += take(in_process, 2)
     c.num_workers = 2
     it = train(c)
     got = take(it, 3)
@@ -100,10 +103,37 @@ def test_worker_processes_give_the_same_batches_and_resume(frames_root):
     got += take(it, 2)
     it.close()
     assert_same(got, expected)
+    # The state does not depend on the worker count (grain's own state is per worker: a run
+    # resumed with another num_workers could not restore it).
+    assert state == in_process_state
     fresh = train(c)
     fresh.set_state(state)
     assert_same(take(fresh, 2), expected[3:])
     fresh.close()
+    c.num_workers = 0
+    again = train(c)
+    again.set_state(state)
+    assert_same(take(again, 2), expected[3:])
+
+
+def test_resume_from_the_grain_state_of_earlier_versions(frames_root):
+    c = config(frames_root)
+    reference = take(train(c, batch=3), 4)
+    one_reader = {"next_index": 6}
+    two_workers = {
+        "next_index_in_cycle": 0,
+        "next_index_in_datasets": 2,
+        "iterators_in_use_indices": [0, 1],
+        "iterators_in_use_states": [{"next_index": 3}, {"next_index": 3}],
+        "exhausted": [0, 0],
+        "future_states": {},
+    }
+    for state in (one_reader, two_workers):
+        it = train(c, batch=3)
+        it.set_state(state)
+        assert_same(take(it, 2), reference[2:])
+    with pytest.raises(data.DataError, match="unknown train iterator state"):
+        train(c).set_state({"position": 3})
 
 
 @pytest.mark.parametrize("count", [2, 4])

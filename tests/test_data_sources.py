@@ -332,6 +332,44 @@ def test_read_video_seeks_instead_of_decoding_everything(tmp_path):
     assert decode.decoded_frames - before < 40  # from the keyframe at 290, not from 0
 
 
+def _write_vfr_video(path, pts, size=(24, 32)):
+    """A video whose frame f is shown from `pts[f]` hundredths of a second (frame_pixels)."""
+    import fractions
+
+    import av
+
+    ext = os.path.splitext(path)[1]
+    with av.open(path, "w") as container:
+        stream = container.add_stream({".webm": "libvpx-vp9"}.get(ext, "libx264"), rate=25)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        stream.gop_size = 8
+        stream.codec_context.time_base = fractions.Fraction(1, 100)
+        for f, t in enumerate(pts):
+            frame = av.VideoFrame.from_ndarray(testing.frame_pixels(0, f, size), format="rgb24")
+            frame.pts, frame.time_base = t, fractions.Fraction(1, 100)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv", "webm"])
+def test_read_video_variable_frame_rate(tmp_path, ext):
+    # 25 fps for 30 frames, then 50 fps: frame indices from the nominal rate ran out before the
+    # last frames ("stream ended before frame …") or repeated the frame at the switch.
+    path = str(tmp_path / f"vfr.{ext}")
+    pts = [4 * i for i in range(30)] + [120 + 2 * i for i in range(30)]
+    _write_vfr_video(path, pts)
+    wanted = np.arange(60)
+    frames = decode.read_video(path, lambda n: wanted)
+    np.testing.assert_array_equal(frame_ids(frames), wanted % 32)
+    # Alone, through a seek: the same pixels.
+    for i in (35, 59):
+        got = decode.read_video(path, lambda n, i=i: np.array([i]) if n == 60 else None)
+        np.testing.assert_array_equal(got, frames[i : i + 1])
+
+
 def test_video_list_end_to_end(tmp_path):
     testing.write_video_files(str(tmp_path), 5, [16, 16, 5, 16, 30])
     c = small_config(tmp_path, "videos")

@@ -69,36 +69,40 @@ class _SeekMissed(Exception):
 def read_video(path: str, pick: Pick) -> np.ndarray:
     """The picked frames of a video file, decoding only what they need.
 
-    The frame count comes from the stream header, or from counting packets where the header has
-    none (webm). Frame i is the frame on screen at time `i / fps` (frame index from the
-    timestamp). Decoding seeks to the keyframe before each far-away needed frame and decodes
-    forward, keeping only the needed frames; where seeking is not possible or misses, it decodes
-    from the start.
+    Frame i is the i-th frame in display order, and the frame count is the number of frames in
+    the stream, both read from the container's packets (not from the header's frame count or
+    frame rate, which are wrong for variable-frame-rate videos and some damaged files).
+    Decoding seeks to the keyframe before each far-away needed frame and decodes forward, keeping
+    only the needed frames; where seeking is not possible or misses, it decodes from the start.
     """
     import av  # noqa: PLC0415  (optional dependency, imported where videos are read)
 
     if not os.path.exists(path):
         raise BadSampleError(f"missing video {path}")
     try:
-        num_frames = _frame_count(path, os.path.getmtime(path))
-        indices = np.asarray(pick(num_frames))
+        times = _frame_times(path, os.path.getmtime(path))
+        indices = np.asarray(pick(len(times)))
         wanted = [int(i) for i in np.unique(indices)]
         try:
-            frames = _decode(path, wanted, seek=True)
+            frames = _decode(path, wanted, times, seek=True)
         except _SeekMissed:
-            frames = _decode(path, wanted, seek=False)
+            frames = _decode(path, wanted, times, seek=False)
     except av.error.FFmpegError as e:
         raise BadSampleError(f"cannot decode {path}: {e}") from None
     missing = [i for i in wanted if i not in frames]
     if missing:
         raise BadSampleError(
-            f"{path}: stream ended before frame {missing[0]} (header says {num_frames} frames)"
+            f"{path}: frame {missing[0]} of {len(times)} did not decode (a damaged stream)"
         )
     return gather(indices, frames, path)
 
 
 @functools.lru_cache(maxsize=4096)
-def _frame_count(path: str, mtime: float) -> int:
+def _frame_times(path: str, mtime: float) -> np.ndarray:
+    """Presentation timestamps of the video stream's frames, sorted (display order).
+
+    Entries are -1 where a packet has no timestamp; such a video is decoded from the start.
+    """
     del mtime  # part of the cache key only
     import av  # noqa: PLC0415
 
@@ -106,47 +110,45 @@ def _frame_count(path: str, mtime: float) -> int:
         if not container.streams.video:
             raise BadSampleError(f"{path}: no video stream")
         stream = container.streams.video[0]
-        count = stream.frames
-        if count <= 0:
-            count = sum(1 for p in container.demux(stream) if p.size > 0)
-    if count <= 0:
+        pts = [-1 if p.pts is None else p.pts for p in container.demux(stream) if p.size > 0]
+    if not pts:
         raise BadSampleError(f"{path}: no video frames")
-    return count
+    times = np.sort(np.asarray(pts, np.int64))
+    if times[0] < 0 or np.any(np.diff(times) == 0):
+        times[:] = -1  # no timestamps to locate frames by (or ambiguous ones): count instead
+    return times
 
 
-def _decode(path: str, wanted: list[int], seek: bool) -> dict[int, np.ndarray]:
+def _decode(path: str, wanted: list[int], times: np.ndarray, seek: bool) -> dict[int, np.ndarray]:
     import av  # noqa: PLC0415
 
+    seek = seek and times[0] >= 0
     out: dict[int, np.ndarray] = {}
     with av.open(path) as container:
         stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        time_base = stream.time_base
-        start = stream.start_time or 0
-        seconds_per_frame = 1 / rate if rate else None
 
         def index_of(frame, counter: int) -> int:
-            if frame.pts is None or not seconds_per_frame or not time_base:
-                if seek:  # timestamps are what a seek is located by
-                    raise _SeekMissed()
+            if not seek:  # from the start, frames come in display order
                 return counter
-            return int(round(float((frame.pts - start) * time_base / seconds_per_frame)))
+            i = int(np.searchsorted(times, frame.pts)) if frame.pts is not None else len(times)
+            if i == len(times) or times[i] != frame.pts:
+                raise _SeekMissed()  # a frame the packets did not announce: count instead
+            return i
 
-        seek = seek and seconds_per_frame is not None and time_base is not None
         frames = container.decode(stream)
-        current, previous, counter, k, aimed = -1, None, 0, 0, -1
+        current, counter, k, aimed = -1, 0, 0, -1
         just_sought = False
         while k < len(wanted):
             target = wanted[k]
             if seek and target != aimed and target - current > SEEK_GAP:
                 aimed = target
-                offset = start + int(target * seconds_per_frame / time_base)
+                offset = int(times[target])
                 try:
                     container.seek(offset, backward=True, any_frame=False, stream=stream)
                 except av.error.FFmpegError:
                     raise _SeekMissed() from None
                 frames = container.decode(stream)
-                previous, just_sought = None, True
+                just_sought = True
             frame = next(frames, None)
             if frame is None:
                 break
@@ -157,14 +159,10 @@ def _decode(path: str, wanted: list[int], seek: bool) -> dict[int, np.ndarray]:
             if just_sought and index > target:
                 raise _SeekMissed()
             just_sought = False
-            # A timestamp gap: the wanted times before this frame showed the previous frame (or,
-            # before the first frame, this one).
             while k < len(wanted) and wanted[k] < index:
-                shown = previous if previous is not None else frame
-                out[wanted[k]] = shown.to_ndarray(format="rgb24")
-                k += 1
+                k += 1  # a frame that did not decode: reported as missing
             if k < len(wanted) and wanted[k] == index:
                 out[index] = frame.to_ndarray(format="rgb24")
                 k += 1
-            current, previous = index, frame
+            current = index
     return out

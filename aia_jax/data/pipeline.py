@@ -11,9 +11,10 @@ Eval: global position q = s * G + p * b + row; positions past the end are paddin
 (`valid=False`) so that every batch, on every process, has the same shape.
 
 Reading and augmentation run in `num_workers` processes (`mp_prefetch`); batches are assembled in
-the calling process, so batches are the same for any worker count, and the iterator state
+the calling process, so batches are the same for any worker count, and the train iterator's state
 (`get_state` / `set_state`, or Orbax through `grain.checkpoint.CheckpointSave/CheckpointRestore`)
-restores the exact position.
+is the number of host-local elements read, so it restores the exact position under any worker
+count.
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ def make_train_iterator(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
-) -> grain.DatasetIterator:
+) -> TrainBatches:
     """Infinite iterator of this process's train batches, `{'video', 'label'}` (see module doc)."""
     c = config_lib.resolve(data_config)
     index, count = _processes(process_index, process_count)
@@ -326,9 +327,78 @@ def make_train_iterator(
         )
     positions = TrainPositions(len(source), global_batch_size, index, count, seed)
     sample = TrainSample(source, c.to_dict(), seed, config_lib.flip_lookup(c))
-    ds = _read_in_workers(positions.map(sample), c, host_batch)
-    ds = ds.filter(_KeepGood()).batch(host_batch, drop_remainder=True)
-    return iter(ds)
+    return TrainBatches(positions.map(sample), c, host_batch)
+
+
+class TrainBatches(grain.DatasetIterator):
+    """This process's train batches; the state is the number of elements read (skipped ones too).
+
+    grain's own state of a multiprocess pipeline is one position per worker, which a run with
+    another `num_workers` cannot restore; the elements are a function of their index, so one
+    number restores the same batches under any worker count.
+    """
+
+    def __init__(
+        self, elements: grain.MapDataset, c: ml_collections.ConfigDict, host_batch: int
+    ) -> None:
+        super().__init__()
+        self._elements, self._config, self._host_batch = elements, c, host_batch
+        self._next = 0  # host-local index of the next element to read
+        self._reader: grain.DatasetIterator | None = None
+        self._keep = _KeepGood()
+
+    def __str__(self) -> str:
+        return f"TrainBatches(next_element={self._next})"
+
+    def _open(self) -> grain.DatasetIterator:
+        if self._reader is None:
+            elements = self._elements[self._next :] if self._next else self._elements
+            self._reader = iter(_read_in_workers(elements, self._config, self._host_batch))
+        return self._reader
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        reader = self._open()
+        rows: list[dict[str, Any]] = []
+        while len(rows) < self._host_batch:
+            element = next(reader)
+            self._next += 1
+            if self._keep(element):
+                rows.append(element)
+        return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"next_element": self._next}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._close_reader()
+        self._next = _next_element(state)
+        self._keep = _KeepGood()
+
+    def start_prefetch(self) -> None:
+        self._open().start_prefetch()
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def close(self) -> None:
+        self._close_reader()
+        super().close()
+
+
+def _next_element(state: dict[str, Any]) -> int:
+    """The element position of a `TrainBatches` state, or of the grain pipeline state that
+    earlier versions saved (one reader: its `next_index`; worker processes: the sum of the
+    workers' positions, as each worker reads every `num_workers`-th element)."""
+    if "next_element" in state:
+        return int(state["next_element"])
+    if "next_index" in state:
+        return int(state["next_index"])
+    if "iterators_in_use_states" in state:
+        return sum(int(s["next_index"]) for s in state["iterators_in_use_states"])
+    raise DataError(f"unknown train iterator state {sorted(state)}: not written by aia_jax")
 
 
 class EvalIterable:
