@@ -455,8 +455,15 @@ def evaluate(
     checkpoint_scores = view_scores.mean(axis=2)
     scores = checkpoint_scores.mean(axis=0)
 
-    metrics = metrics_report.classification_metrics(scores, labels, num_classes)
     num_expected = data.num_eval_examples(data_cfg, split)
+    if not len(index):
+        # Else the metrics' ValueError: a traceback after a pass that only logged warnings.
+        raise data.DataError(
+            f"{split} split: none of the {num_expected} videos could be read "
+            f"({protocol['examples']}); every one was skipped as a bad sample "
+            f"(config.data.on_bad_sample {data_cfg.on_bad_sample!r}), the warnings name them"
+        )
+    metrics = metrics_report.classification_metrics(scores, labels, num_classes)
     skipped = num_expected - len(index)
     if skipped:
         logging.warning(

@@ -54,6 +54,7 @@ DEFAULTS = {
     "filename_template": "",
 }
 CONFIG_FILE = "config.json"  # written by the trainer into a workdir
+STREAM_WINDOW_SECONDS = 2.0  # --window-seconds when not given
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +80,9 @@ def preprocessing_settings(checkpoint: str, **overrides: Any) -> dict[str, Any]:
         preset = presets.PRESETS.get(data_cfg["preset"])
         settings["filename_template"] = preset.filename_template if preset else ""
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("resize") is not None:
+        # A short-side rule from the workdir would win over the H,W asked for (resized_shape).
+        settings["resize_short_side"] = 0
     settings["resize"] = tuple(int(x) for x in settings["resize"])
     return settings
 
@@ -199,6 +203,7 @@ def read_clip(path: str, num_segments: int, settings: Mapping[str, Any]) -> np.n
     """uint8 `[1, T, S, S, 3]`: the sampled, resized, centre-cropped clip of a video or folder."""
     from aia_jax.data import decode, transforms
 
+    geometry = eval_geometry(settings)  # checked before any decoding
     pick = functools.partial(frame_indices, num_segments=num_segments, settings=settings)
     if os.path.isdir(path):
         files = list_frames(path, settings.get("filename_template", ""))
@@ -209,18 +214,29 @@ def read_clip(path: str, num_segments: int, settings: Mapping[str, Any]) -> np.n
         clip = decode.read_video(path, pick)
     else:
         raise InputNotFoundError(f"{path}: no such video file or frame folder")
-    return transforms.eval_clips(clip[None], eval_geometry(settings))
+    return transforms.eval_clips(clip[None], geometry)
 
 
 def eval_geometry(settings: Mapping[str, Any]) -> Any:
     """The `transforms.Geometry` of `preprocessing_settings`: resize, one centre crop."""
     from aia_jax.data import transforms
 
+    resize, short_side = tuple(settings["resize"]), int(settings["resize_short_side"])
+    crop_size = int(settings["crop_size"])
+    short = short_side or min(resize)
+    if crop_size > short:
+        # A box outside the frame would be cut short by numpy's slicing, not refused.
+        how = (
+            f"short side resized to {short_side}"
+            if short_side
+            else f"resize {resize[0]},{resize[1]}"
+        )
+        raise UserError(
+            f"crop size {crop_size} is larger than the resized frames' short side {short} "
+            f"({how}): give a --crop-size of at most {short} or a larger --resize"
+        )
     return transforms.Geometry(
-        resize=tuple(settings["resize"]),
-        resize_short_side=int(settings["resize_short_side"]),
-        crop_size=int(settings["crop_size"]),
-        test_crops=1,
+        resize=resize, resize_short_side=short_side, crop_size=crop_size, test_crops=1
     )
 
 
@@ -395,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     live.add_argument(
         "--window-seconds",
         type=_positive_float,
-        default=2.0,
+        # None, not 2: a --window-seconds 2 without --stream must be caught like any other.
+        default=None,
         help="seconds of the stream each prediction sees (default 2)",
     )
     live.add_argument(
@@ -413,8 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     stream_only = ("input_format", "window_seconds", "every", "realtime")
+    # Every stream-only flag defaults to None (or []): given at all, whatever its value, it is seen.
     if not args.stream and (
-        args.input_option or any(getattr(args, k) != parser.get_default(k) for k in stream_only)
+        args.input_option or any(getattr(args, k) is not None for k in stream_only)
     ):
         parser.error("--input-format, --input-option, --window-seconds, --every and "
                      "--realtime need --stream")  # fmt: skip
@@ -450,7 +468,9 @@ def _main_stream(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
             args.video,
             input_format=args.input_format,
             options=dict(args.input_option),
-            window_seconds=args.window_seconds,
+            window_seconds=STREAM_WINDOW_SECONDS
+            if args.window_seconds is None
+            else args.window_seconds,
             every=args.every,
             realtime=args.realtime,
             class_names=names,

@@ -189,6 +189,13 @@ def test_cross_check_names_the_depth(cinst_state):
     assert "missing: " in message
 
 
+def test_cross_check_names_the_width(cinst_state):
+    model = models.create("TSM_CinST_BN", num_classes=7, num_segments=SEGMENTS, depth=14, width=16)
+    message = _error(cinst_state, model)
+    assert "width: checkpoint has stem width 8, model has 16" in message
+    assert "wrong shape: " in message
+
+
 def test_cross_check_names_the_classes(cinst_state):
     message = _error(cinst_state, _model("TSM_CinST_BN", num_classes=9))
     assert "classes: checkpoint has 7, model has 9" in message

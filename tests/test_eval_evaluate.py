@@ -205,6 +205,23 @@ def test_ensemble_is_the_mean_of_scores(setup, tmp_path):
         assert "3 checkpoints" in both["protocol"]["description"]
 
 
+def test_every_video_unreadable_is_one_error(setup, tmp_path):
+    """With `on_bad_sample='skip'` every unreadable video becomes padding; when that is all of
+    them there is nothing to count: one error naming the list, not the metrics' ValueError."""
+    import shutil
+
+    root, cfg, ck1, _ = setup
+    bad = tmp_path / "bad"
+    shutil.copytree(cfg.root, bad)
+    for folder, _, names in os.walk(bad / "frames"):
+        for name in names:
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(b"not a jpeg")
+    bad_cfg = data_config(bad, on_bad_sample="skip")
+    with pytest.raises(data.DataError, match=r"val split: none of the 11 videos could be read "):
+        evaluate.evaluate(bad_cfg, [ck1], batch_size=4)
+
+
 def test_metrics_hand_made():
     scores = np.array(
         [

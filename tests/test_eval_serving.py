@@ -186,6 +186,29 @@ def test_predict_rawframes_folder_with_flow_files(model_dir, tmp_path, capsys):
     assert "no frame file matches the filename template '{:05d}.jpg'" in line
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_crop_larger_than_the_resized_frames_is_refused(model_dir, tmp_path, capsys, stream):
+    """numpy slicing would cut a box outside the frame short: a 14x10 corner, not a 64x64 crop."""
+    video = str(tmp_path / "clip.mp4")
+    testing.write_video(video, num_frames=8, video=3, size=(36, 44))
+    argv = ["--checkpoint", model_dir, "--resize", "36,44", "--crop-size", "64"]
+    line = _fails(predict.main, [*argv, *(["--stream"] if stream else []), video], capsys)
+    assert "crop size 64 is larger than the resized frames' short side 36 (resize 36,44)" in line
+
+
+def test_resize_flag_wins_over_a_workdir_short_side_rule(model_dir, tmp_path):
+    """A workdir trained with `resize_short_side` must not silently ignore `--resize H,W`."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / predict.CONFIG_FILE).write_text(
+        json.dumps({"data": {"resize_short_side": 40, "crop_size": S}})
+    )
+    from_config = predict.preprocessing_settings(str(workdir))
+    assert predict.eval_geometry(from_config).target_shape(36, 44) == (40, 48)
+    asked = predict.preprocessing_settings(str(workdir), resize=(36, 44))
+    assert predict.eval_geometry(asked).target_shape(36, 44) == (36, 44)
+
+
 def _window_logits(model_dir, frames, end, size, settings):
     """Reference logits of the window of `size` frames ending at frame `end` (inclusive)."""
     from aia_jax.data import transforms
@@ -250,6 +273,12 @@ def test_stream_slides_a_window_over_the_stream(model_dir, tmp_path, capsys):
     "extra, message",
     [
         (["--every", "3"], "need --stream"),
+        # Flagged even when the value is the default's: the flag itself is the mistake.
+        (["--window-seconds", "2"], "need --stream"),
+        (["--window-seconds", "2.0"], "need --stream"),
+        (["--input-option", "framerate=30"], "need --stream"),
+        (["--input-format", "v4l2"], "need --stream"),
+        (["--no-realtime"], "need --stream"),
         (["--stream", "--window-seconds", "0"], "'0': expected a positive number"),
         (["--stream", "--input-option", "framerate"], "expected KEY=VALUE"),
         (["--stream", "--filename-template", "img_{:05d}.jpg"], "reads frame folders"),
@@ -259,7 +288,9 @@ def test_stream_flags_are_checked(model_dir, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
         predict.main(["--checkpoint", model_dir, *extra, str(tmp_path / "v.mp4")])
     assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
 
 
 def test_stream_that_cannot_be_opened_is_one_line(model_dir, tmp_path, capsys):

@@ -196,6 +196,10 @@ def _cross_check(state_dict: Mapping[str, Any], model: VideoNet) -> list[str]:
     problems = []
     if found["depth"] is not None and found["depth"] != model.depth:
         problems.append(f"depth: checkpoint has ResNet-{found['depth']}, model is {model.depth}")
+    conv1 = np.shape(_as_numpy(strip_prefix(state_dict).get("base_model.conv1.weight", ())))
+    width = conv1[0] if len(conv1) == 4 else None  # another rank is named as a wrong shape
+    if width is not None and width != model.width:
+        problems.append(f"width: checkpoint has stem width {width}, model has {model.width}")
     if found["num_classes"] is not None and found["num_classes"] != model.num_classes:
         problems.append(
             f"classes: checkpoint has {found['num_classes']}, model has {model.num_classes}"
