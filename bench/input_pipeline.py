@@ -10,11 +10,24 @@ frames, centre crop) with 0, 1 and 2 worker processes, and prints a markdown tab
 
 Worker start-up is excluded (the first batches are not timed). The numbers are for this machine and
 its load at the time; the table says how many cores it has.
+
+`--decode-baseline PATH` instead compares two versions of `aia_jax/data/decode.py` (the one at
+PATH, e.g. from `git show REV:aia_jax/data/decode.py > /tmp/old.py`, and the current one): it
+writes `--videos` mp4 (H.264) and webm (VP9) files of 240x320, 2-5 s at 25 or 30 fps with a
+keyframe every 1 or 2 s, and times `read_video` on one 8-frame training sample (TSN) of each, in
+this process, in `--rounds` rounds; the two modules take turns video by video (alternating which
+goes first), so that changes in the machine's load hit both. Every read is a frame-count cache
+miss (each module's caches are cleared at the start of each round and each video is read once
+per round), as on data sets larger than the cache. Augmentation is not timed,
+so the ratio is the most a whole pipeline can differ by.
+
+    python3 bench/input_pipeline.py --decode-baseline /tmp/old.py --videos 48 --rounds 7
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -70,6 +83,89 @@ def write_data(root: str, videos: int, frames: int, entries: int) -> None:
             f.write("\n".join(lines[i % videos] for i in range(entries)) + "\n")
 
 
+def write_videos(root: str, videos: int) -> list[str]:
+    """Typical re-encoded data set files: 2-5 s at 25/30 fps, a keyframe every 1 or 2 s."""
+    import av
+
+    paths = []
+    for v in range(videos):
+        fps = 25 if v % 2 == 0 else 30
+        clip = textured_frames(v, fps * (2 + v % 4))
+        for ext, codec in (("mp4", "libx264"), ("webm", "libvpx-vp9")):
+            path = os.path.join(root, f"d{v:03d}.{ext}")
+            with av.open(path, "w") as container:
+                options = {"deadline": "realtime", "cpu-used": "8"} if ext == "webm" else {}
+                stream = container.add_stream(codec, rate=fps, options=options)
+                stream.height, stream.width, stream.pix_fmt = HEIGHT, WIDTH, "yuv420p"
+                stream.gop_size = fps * (1 + v // 2 % 2)
+                for frame in clip:
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                        container.mux(packet)
+                for packet in stream.encode():
+                    container.mux(packet)
+            paths.append(path)
+    return paths
+
+
+def compare_decode(baseline_path: str, videos: int, rounds: int) -> None:
+    """Prints clips/s of `read_video` from the module at `baseline_path` vs the current one."""
+    from aia_jax.data import decode, sampling
+
+    spec = importlib.util.spec_from_file_location("decode_baseline", baseline_path)
+    baseline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(baseline)
+    modules = {"baseline": baseline, "current": decode}
+
+    def one_round(paths: list[str], seed: int) -> dict[str, float]:
+        """Clips/s of each module; they take turns video by video, so load changes hit both."""
+        for module in modules.values():  # cold frame-count caches: every read misses
+            for value in vars(module).values():
+                if callable(getattr(value, "cache_clear", None)):
+                    value.cache_clear()
+        seconds = dict.fromkeys(modules, 0.0)
+        for v, path in enumerate(paths):
+            clips = {}
+            for name in list(modules)[:: 1 if v % 2 == 0 else -1]:
+                rng = np.random.default_rng([seed, v])  # the same clip for both
+                start = time.perf_counter()
+                clips[name] = modules[name].read_video(
+                    path, lambda n, rng=rng: sampling.tsn_train(n, 8, rng)
+                )
+                seconds[name] += time.perf_counter() - start
+            a, b = clips.values()  # the same work: equal pixels for constant-frame-rate videos
+            assert a.shape == (8, HEIGHT, WIDTH, 3) and np.array_equal(a, b), path
+        return {name: len(paths) / s for name, s in seconds.items()}
+
+    with tempfile.TemporaryDirectory() as root:
+        paths = write_videos(root, videos)
+        print(
+            f"{videos} mp4 (H.264) and {videos} webm (VP9) videos of {HEIGHT}x{WIDTH}, 2-5 s at "
+            f"25/30 fps, keyframes every 1-2 s; one 8-frame TSN training clip per video per "
+            f"round, caches cleared each round; {rounds} rounds; 1 process; "
+            f"{os.cpu_count()} CPU cores\n"
+        )
+        print("| files | baseline clips/s | current clips/s | current / baseline |")
+        print("|---|---|---|---|")
+        for ext in ("mp4", "webm"):
+            files = [p for p in paths if p.endswith(ext)]
+            one_round(files[:2], seed=rounds)  # warm-up: imports, first-call costs
+            rates = {name: [] for name in modules}
+            for r in range(rounds):
+                for name, rate in one_round(files, seed=r).items():
+                    rates[name].append(rate)
+            base, cur = np.asarray(rates["baseline"]), np.asarray(rates["current"])
+            ratio = cur / base  # per round: both modules ran under the same load
+
+            def spread(x: np.ndarray) -> str:
+                return f"{np.median(x):.1f} ({x.min():.1f}-{x.max():.1f})"
+
+            print(
+                f"| {ext} | {spread(base)} | {spread(cur)} | {np.median(ratio):.3f} "
+                f"({ratio.min():.3f}-{ratio.max():.3f}) |"
+            )
+        print("\nmedian over rounds (min-max); the ratio is per round, then its median (min-max)")
+
+
 def config(root: str, source: str, workers: int):
     c = data.get_config()
     c.source, c.root, c.num_classes = source, root, 10
@@ -101,6 +197,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=24, help="timed batches")
     parser.add_argument("--workers", default="0,1,2", help="worker counts, e.g. 0,2,4")
+    parser.add_argument(
+        "--decode-baseline",
+        metavar="PATH",
+        help="compare read_video of the decode.py at PATH with the current one (see above)",
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of --decode-baseline")
     args = parser.parse_args()
     try:
         workers = [int(w) for w in args.workers.split(",") if w]
@@ -111,6 +213,13 @@ def main() -> None:
     for name in ("videos", "frames", "batch", "batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected at least 1, got {getattr(args, name)}")
+    if args.decode_baseline:
+        if not os.path.isfile(args.decode_baseline):
+            parser.error(f"--decode-baseline: no file {args.decode_baseline}")
+        if args.rounds < 1:
+            parser.error(f"--rounds: expected at least 1, got {args.rounds}")
+        compare_decode(args.decode_baseline, args.videos, args.rounds)
+        return
     entries = (args.batches + WARMUP) * args.batch  # eval makes one pass over the list
 
     with tempfile.TemporaryDirectory() as root:
