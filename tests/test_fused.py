@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from aia_jax import models
-from aia_jax.models import attention, fused
+from aia_jax.models import attention, fused, layers
 from aia_jax.models.attention import PLACEMENTS, UNIT_GATES, pool_max_mean
 
 SHAPE = (2, 3, 5, 4, 6)  # [b, t, h, w, c], all different so any axis mix-up shows
@@ -157,13 +157,12 @@ def test_gate_product_value_and_gradient(axes, weights):
 
 
 @pytest.mark.parametrize("features", [1, 3])
-def test_gate_norm_equals_flax_batch_norm(features):
+def test_gate_norm_equals_the_backbone_batch_norm(features):
     """Value, new running statistics and the gradient of all three (the statistics' cotangents
-    included, which a training step never sends) against `nn.BatchNorm`, train and eval."""
-    import flax.linen as nn
-
+    included, which a training step never sends) against `layers.BatchNorm` (`nn.BatchNorm`
+    with PyTorch's running variance), train and eval."""
     x = 3 * _normal(20, (2, 3, 4, 5, features)) + 1
-    ref = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+    ref = layers.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
     new = attention.GateNorm()
     variables = ref.init(jax.random.key(0), x)
     assert jax.tree_util.tree_map(jnp.shape, new.init(jax.random.key(0), x, train=True)) == (
@@ -189,7 +188,7 @@ def test_gate_norm_equals_flax_batch_norm(features):
     _close(got(variables["params"], x), want(variables["params"], x), 1e-5, 1e-5)
     _close(
         new.apply(variables, x, train=False),
-        nn.BatchNorm(use_running_average=True, epsilon=1e-5).apply(variables, x),
+        layers.BatchNorm(use_running_average=True, epsilon=1e-5).apply(variables, x),
     )
 
 

@@ -1,4 +1,5 @@
-"""`layers.Conv` and `layers.max_pool` equal `nn.Conv` and `nn.max_pool` in value and gradient."""
+"""`layers.Conv`, `layers.max_pool` and `layers.BatchNorm` equal `nn.Conv`, `nn.max_pool` and
+`nn.BatchNorm` in value and gradient (`BatchNorm` moves its running variance as PyTorch does)."""
 
 import functools
 
@@ -98,3 +99,48 @@ def test_max_pool_bf16():
         y, nn.max_pool(x, args["window"], strides=args["strides"], padding=args["padding"])
     )
     assert jax.grad(lambda x: layers.max_pool(x, **args).sum())(x).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("use_running_average", [False, True])
+def test_batch_norm_equals_flax_batch_norm(dtype, use_running_average):
+    """Output, gradients (parameters and input) and running mean bit for bit; the running
+    variance moved by the unbiased batch variance, as `torch.nn.BatchNorm2d` moves it."""
+    kw = dict(use_running_average=use_running_average, momentum=0.9, epsilon=1e-5, dtype=dtype)
+    ours, theirs = layers.BatchNorm(**kw), nn.BatchNorm(**kw)
+    x = (_normal(0, (2, 3, 5, 6)) * 3 + 1).astype(dtype)
+    variables = theirs.init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda a: a + jnp.abs(_normal(1, a.shape)), variables)
+    assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+    dout = _normal(2, x.shape).astype(dtype)
+
+    def run(module):
+        def f(v, x):
+            return module.apply(v, x, mutable=["batch_stats"])
+
+        (y, stats), vjp = jax.vjp(f, variables, x)
+        grads = vjp((dout, jax.tree.map(jnp.zeros_like, stats)))
+        return y, stats["batch_stats"], grads
+
+    y, stats, grads = jax.jit(lambda: run(ours))()
+    want_y, want_stats, want_grads = jax.jit(lambda: run(theirs))()
+    assert y.dtype == want_y.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want_y, np.float32))
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(stats["mean"], want_stats["mean"])
+    old = np.asarray(variables["batch_stats"]["var"], np.float64)
+    if use_running_average:
+        np.testing.assert_array_equal(stats["var"], old)
+    else:
+        batch = np.asarray(x, np.float64).reshape(-1, x.shape[-1]).var(axis=0, ddof=1)
+        np.testing.assert_allclose(stats["var"], 0.9 * old + 0.1 * batch, rtol=1e-5)
+
+
+def test_batch_norm_of_one_value_per_channel_keeps_the_biased_variance():
+    """n = 1 has no unbiased variance (PyTorch refuses to train on it): 0 is used, not inf."""
+    module = layers.BatchNorm()
+    x = _normal(0, (1, 4))
+    variables = module.init(jax.random.key(0), x)
+    _, stats = module.apply(variables, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(stats["batch_stats"]["var"], 0.9)

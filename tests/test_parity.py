@@ -140,7 +140,7 @@ def _block_variables(block, x, state):
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_train_mode_block_of_every_placement(placement):
     """One TSM bottleneck (shift, convs, attention, residual) in train mode: output, running
-    means and the gradients of every parameter and of the input."""
+    statistics and the gradients of every parameter and of the input."""
     planes, h = 4, 6
     ref = torch_reference.Bottleneck(
         4 * planes, planes, num_segments=SEGMENTS, shift="blockres", attention=placement
@@ -175,7 +175,7 @@ def test_train_mode_block_of_every_placement(placement):
     assert _rel_err(np.transpose(np.asarray(got), (0, 3, 1, 2)), want) < 1e-5
     for path, value in jax.tree_util.tree_flatten_with_path(updates["batch_stats"])[0]:
         key = release.torch_key("batch_stats", tuple(p.key for p in path))
-        if key.endswith("running_mean"):
+        if key.endswith(("running_mean", "running_var")):
             np.testing.assert_allclose(value, ref.state_dict()[key], rtol=1e-4, atol=1e-5)
     got_grads = {
         release.torch_key("params", tuple(p.key for p in path)): release.to_torch_layout(
@@ -201,8 +201,8 @@ TRAIN_NAMES = [
 
 
 @pytest.mark.parametrize("name", TRAIN_NAMES)
-def test_train_mode_logits_running_means_and_gradients(name):
-    """Batch-statistics logits, the running means they move, and the cross-entropy gradient
+def test_train_mode_logits_running_statistics_and_gradients(name):
+    """Batch-statistics logits, the running statistics they move, and the cross-entropy gradient
     of every parameter, as the reference's `loss.backward()` gives them.
 
     Dropout differs in its random draws between frameworks, so train mode is compared with
@@ -229,11 +229,12 @@ def test_train_mode_logits_running_means_and_gradients(name):
     grads, (got, updates) = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
     assert _rel_err(np.asarray(got), want) < 1e-5
 
-    # The running means move the same way (momentum 0.1 in torch = 0.9 in Flax).
+    # The running statistics move the same way (momentum 0.1 in torch = 0.9 in Flax; the
+    # variance by the unbiased batch variance, as torch moves it).
     new_state = {"module." + k: v.numpy() for k, v in ref.state_dict().items()}
     converted = release.to_torch({"params": variables["params"], **updates}, model)
     for key, value in converted.items():
-        if key.endswith("running_mean"):
+        if key.endswith(("running_mean", "running_var")):
             np.testing.assert_allclose(value, new_state[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
     got_grads = release.to_torch({"params": grads, "batch_stats": updates["batch_stats"]}, model)

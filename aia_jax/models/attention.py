@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from aia_jax.models import fused
+from aia_jax.models.layers import BatchNorm, unbiased
 
 Dtype = Any
 
@@ -140,11 +141,12 @@ class GateConv(nn.Module):
 
 
 class GateNorm(nn.Module):
-    """The gate's `BatchNorm3d(1)` for `impl='fused'`: `nn.BatchNorm`'s variables and function.
+    """The gate's `BatchNorm3d(1)` for `impl='fused'`: `layers.BatchNorm`'s variables and function.
 
     The same `scale`/`bias` parameters and `mean`/`var` statistics (momentum 0.9 as Flax counts
-    it, biased batch variance), so checkpoints do not depend on `impl`; in training the batch
-    statistics and their gradient come from `fused.batch_norm` (one reduction each way).
+    it; normalised by the biased batch variance, the running variance moved by the unbiased one
+    as in PyTorch), so checkpoints do not depend on `impl`; in training the batch statistics and
+    their gradient come from `fused.batch_norm` (one reduction each way).
     """
 
     dtype: Dtype = jnp.float32
@@ -167,12 +169,13 @@ class GateNorm(nn.Module):
         y, mean, var = fused.batch_norm(x, scale, bias, self.epsilon)
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+            n = x.size // x.shape[-1]
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased(var, n)
         return y.astype(self.dtype)
 
 
-def _norm(dtype: Dtype, param_dtype: Dtype, train: bool, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
+def _norm(dtype: Dtype, param_dtype: Dtype, train: bool, name: str) -> BatchNorm:
+    return BatchNorm(
         use_running_average=not train,
         momentum=0.9,
         epsilon=1e-5,
@@ -183,7 +186,7 @@ def _norm(dtype: Dtype, param_dtype: Dtype, train: bool, name: str) -> nn.BatchN
 
 
 def _apply_gate(
-    x: jax.Array, gate: str, conv: GateConv, bn: nn.BatchNorm, x_dtype: Dtype
+    x: jax.Array, gate: str, conv: GateConv, bn: BatchNorm, x_dtype: Dtype
 ) -> jax.Array:
     """`sigmoid(BN(conv(pool(x))))`, shaped to broadcast onto `x` ([b, t, h, w, c])."""
     axis = GATE_POOL_AXIS[gate]

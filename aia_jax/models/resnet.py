@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from aia_jax.models.attention import DEFAULT_IMPL, apply_placement
-from aia_jax.models.layers import Conv, max_pool
+from aia_jax.models.layers import BatchNorm, Conv, max_pool
 
 Dtype = Any
 
@@ -178,7 +178,7 @@ class Bottleneck(nn.Module):
             kernel_init=conv_init,
         )
         norm = partial(
-            nn.BatchNorm,
+            BatchNorm,
             use_running_average=not train or self.partial_bn,
             momentum=0.9,
             epsilon=1e-5,
@@ -314,7 +314,7 @@ class ResNet(nn.Module):
             name="conv1",
             **stem,
         )(x)
-        x = nn.BatchNorm(
+        x = BatchNorm(
             use_running_average=not train,
             momentum=0.9,
             epsilon=1e-5,
