@@ -430,3 +430,20 @@ def test_preemption_on_a_validation_step_validates_before_saving(
     summary = train.run(tiny_config(env["data_dir"]), workdir)
     assert summary["step"] == 12 and summary["best_step"] == reference[1]["best_step"]
     assert_same_run(workdir, reference[0], after_step=3)
+
+
+def test_flax2torch_of_a_workdir_writes_its_epoch_and_top1(reference, tmp_path):
+    """The release wrapper written from a workdir carries its best checkpoint's epochs trained
+    and val top-1 in percent (the release's `best_prec1`), not 0."""
+    from aia_jax.convert import __main__ as convert_cli
+    from aia_jax.convert import read_checkpoint
+
+    workdir, summary = reference
+    out = str(tmp_path / "best.pth.tar")
+    assert convert_cli.main(["flax2torch", "--checkpoint", workdir, "--output", out]) == 0
+    _, info = read_checkpoint(out)
+    best = summary["best_step"]
+    val = {r["step"]: r["val/top1"] for r in read_metrics(workdir) if "val/top1" in r}
+    assert info["epoch"] == best // 4  # 4 steps per epoch
+    assert info["best_prec1"] == pytest.approx(100 * val[best])
+    assert info["best_prec1"] > 0

@@ -7,6 +7,7 @@ line on stderr.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import textwrap
@@ -115,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
             OUTPUT ending in .safetensors is written with the safetensors package (no torch
             needed); any other name (.pth.tar, .pth) with torch.save, wrapped as the release's
             training script saves: {'epoch', 'arch', 'state_dict', 'optimizer': None,
-            'best_prec1'}, which the release's test script loads. BatchNorm
-            num_batches_tracked counters are those recorded by torch2flax, else the workdir's
+            'best_prec1'}, which the release's test script loads ('epoch' and 'best_prec1':
+            those torch2flax recorded, or a workdir checkpoint's epochs trained and val top-1
+            in percent, from its metrics.jsonl). BatchNorm num_batches_tracked counters are those recorded by torch2flax, else the workdir's
             step, else 0. I3D networks have no counterpart in the release; their kernels are
             written in PyTorch's Conv3d layout.
             """
@@ -335,15 +337,33 @@ def flax2torch(args: argparse.Namespace) -> str:
     state_dict = convert.to_torch(variables, model, num_batches_tracked=counters)
     if args.bare:
         state_dict = convert.strip_prefix(state_dict)
+    epoch, best_prec1 = int(source.get("epoch", 0) or 0), float(source.get("best_prec1", 0) or 0)
+    if "step" in meta:  # a training workdir: the checkpoint's own epoch and val top-1
+        epoch, best_prec1 = _workdir_epoch_and_top1(args.checkpoint, meta["step"])
     convert.save_torch(
         state_dict,
         out,
         wrap=not args.bare,
-        epoch=int(source.get("epoch", 0) or 0),
+        epoch=epoch,
         arch=f"resnet{model.depth}",
-        best_prec1=float(source.get("best_prec1", 0.0) or 0.0),
+        best_prec1=best_prec1,
     )
     return f"wrote {out}: {meta['name']} ResNet-{model.depth}, {len(state_dict)} tensors"
+
+
+def _workdir_epoch_and_top1(workdir: str, step: int) -> tuple[int, float]:
+    """The release wrapper's `epoch` (epochs trained) and `best_prec1` (val top-1 in percent)
+    of a workdir's checkpoint at `step`, from its `metrics.jsonl`; 0 where it has none."""
+    from aia_jax.train import metrics
+
+    try:
+        records = metrics.read_metrics(workdir)
+    except (OSError, ValueError):
+        return 0, 0.0  # the wrapper's entries are informative; the tensors are what counts
+    at_step = [r for r in records if r.get("step") == step]
+    epoch = max((math.floor(r["epoch"]) for r in at_step if "epoch" in r), default=0)
+    top1 = [r["val/top1"] for r in at_step if "val/top1" in r]
+    return epoch, 100 * float(top1[-1]) if top1 else 0.0
 
 
 def imagenet(args: argparse.Namespace) -> str:
