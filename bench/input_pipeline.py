@@ -120,8 +120,8 @@ def compare_decode(baseline_path: str, videos: int, rounds: int) -> None:
         """Clips/s of each module; they take turns video by video, so load changes hit both."""
         for module in modules.values():  # cold frame-count caches: every read misses
             for value in vars(module).values():
-                if callable(getattr(value, "cache_clear", None)):
-                    value.cache_clear()
+                if not isinstance(value, type) and callable(getattr(value, "cache_clear", None)):
+                    value.cache_clear()  # lru_cache functions and cache objects, not classes
         seconds = dict.fromkeys(modules, 0.0)
         for v, path in enumerate(paths):
             clips = {}

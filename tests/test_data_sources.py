@@ -332,6 +332,46 @@ def test_read_video_seeks_instead_of_decoding_everything(tmp_path):
     assert decode.decoded_frames - before < 40  # from the keyframe at 290, not from 0
 
 
+@pytest.mark.parametrize("seek", ["works", "raises", "stays"])
+def test_read_video_scans_and_decodes_in_one_open(tmp_path, monkeypatch, seek):
+    # A frame-count cache miss decodes from the container it scanned, which the scan left at its
+    # end; where seeking back fails or does not move, it counts frames from a fresh open instead.
+    import av
+
+    path = str(tmp_path / "v.mp4")
+    testing.write_video(path, 40, gop=8)
+    with av.open(path) as container:
+        every = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    opened, real_open = [], av.open
+
+    class Container:
+        def __init__(self, *args):
+            opened.append(args[0])
+            self._container = real_open(*args)
+
+        def __getattr__(self, name):
+            return getattr(self._container, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self._container.close()
+
+        def seek(self, *args, **kwargs):
+            if seek == "raises":
+                raise av.error.InvalidDataError(-1094995529, "Invalid data found")
+            if seek == "works":
+                self._container.seek(*args, **kwargs)
+
+    monkeypatch.setattr(av, "open", Container)
+    wanted = np.array([0, 3, 39])  # 39 is far enough for a seek on a cache hit too
+    decode._frame_times.cache_clear()
+    np.testing.assert_array_equal(decode.read_video(path, lambda n: wanted), every[wanted])
+    assert len(opened) == (1 if seek == "works" else 2), opened
+    np.testing.assert_array_equal(decode.read_video(path, lambda n: wanted), every[wanted])
+
+
 def _write_vfr_video(path, pts, size=(24, 32)):
     """A video whose frame f is shown from `pts[f]` hundredths of a second (frame_pixels)."""
     import fractions

@@ -7,8 +7,9 @@ shape `indices.shape + (H, W, 3)`; each distinct frame is decoded once. Failures
 
 from __future__ import annotations
 
-import functools
+import collections
 import os
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -80,13 +81,28 @@ def read_video(path: str, pick: Pick) -> np.ndarray:
     if not os.path.exists(path):
         raise BadSampleError(f"missing video {path}")
     try:
-        times = _frame_times(path, os.path.getmtime(path))
-        indices = np.asarray(pick(len(times)))
-        wanted = [int(i) for i in np.unique(indices)]
-        try:
-            frames = _decode(path, wanted, times, seek=True)
-        except _SeekMissed:
-            frames = _decode(path, wanted, times, seek=False)
+        key = (path, os.path.getmtime(path))
+        # One open for both the packet scan (on a cache miss) and the decoding: an open probes
+        # the streams (~2 ms for a small mp4), more than the scan itself costs.
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise BadSampleError(f"{path}: no video stream")
+            times = _frame_times.get(key)
+            scanned = times is None
+            if scanned:
+                times = _scan_frame_times(container, path)
+                _frame_times.put(key, times)
+            indices = np.asarray(pick(len(times)))
+            wanted = [int(i) for i in np.unique(indices)]
+            frames = None
+            if times[0] >= 0:
+                try:
+                    frames = _decode(container, wanted, times, seek=True, scanned=scanned)
+                except _SeekMissed:
+                    pass
+        if frames is None:  # no usable timestamps, or a seek missed: count from the start
+            with av.open(path) as container:
+                frames = _decode(container, wanted, times, seek=False)
     except av.error.FFmpegError as e:
         raise BadSampleError(f"cannot decode {path}: {e}") from None
     missing = [i for i in wanted if i not in frames]
@@ -97,20 +113,48 @@ def read_video(path: str, pick: Pick) -> np.ndarray:
     return gather(indices, frames, path)
 
 
-@functools.lru_cache(maxsize=4096)
-def _frame_times(path: str, mtime: float) -> np.ndarray:
+class _FrameTimesCache:
+    """The frame timestamps of the most recently read video files, by (path, mtime).
+
+    Thread-safe: grain reads samples on several threads.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._maxsize = maxsize
+        self._entries: collections.OrderedDict[tuple[str, float], np.ndarray] = (
+            collections.OrderedDict()
+        )
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, float]) -> np.ndarray | None:
+        with self._lock:
+            times = self._entries.get(key)
+            if times is not None:
+                self._entries.move_to_end(key)
+            return times
+
+    def put(self, key: tuple[str, float], times: np.ndarray) -> None:
+        with self._lock:
+            self._entries[key] = times
+            if len(self._entries) > self._maxsize:
+                self._entries.popitem(last=False)
+
+    def cache_clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_frame_times = _FrameTimesCache(maxsize=4096)
+
+
+def _scan_frame_times(container, path: str) -> np.ndarray:
     """Presentation timestamps of the video stream's frames, sorted (display order).
 
-    Entries are -1 where a packet has no timestamp; such a video is decoded from the start.
+    Reads every packet, leaving the container at its end. Entries are -1 where a packet has no
+    timestamp; such a video is decoded from the start.
     """
-    del mtime  # part of the cache key only
-    import av  # noqa: PLC0415
-
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise BadSampleError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        pts = [-1 if p.pts is None else p.pts for p in container.demux(stream) if p.size > 0]
+    stream = container.streams.video[0]
+    pts = [-1 if p.pts is None else p.pts for p in container.demux(stream) if p.size > 0]
     if not pts:
         raise BadSampleError(f"{path}: no video frames")
     times = np.sort(np.asarray(pts, np.int64))
@@ -119,50 +163,58 @@ def _frame_times(path: str, mtime: float) -> np.ndarray:
     return times
 
 
-def _decode(path: str, wanted: list[int], times: np.ndarray, seek: bool) -> dict[int, np.ndarray]:
+def _decode(
+    container, wanted: list[int], times: np.ndarray, *, seek: bool, scanned: bool = False
+) -> dict[int, np.ndarray]:
+    """Decodes the `wanted` frames (sorted indices into `times`).
+
+    With `seek`, frames are located by their timestamps and far-away ones reached by seeking;
+    a container that `scanned` left at its end seeks before its first frame. Without, the
+    container must be fresh: frames are counted from the start.
+    """
     import av  # noqa: PLC0415
 
-    seek = seek and times[0] >= 0
     out: dict[int, np.ndarray] = {}
-    with av.open(path) as container:
-        stream = container.streams.video[0]
+    stream = container.streams.video[0]
 
-        def index_of(frame, counter: int) -> int:
-            if not seek:  # from the start, frames come in display order
-                return counter
-            i = int(np.searchsorted(times, frame.pts)) if frame.pts is not None else len(times)
-            if i == len(times) or times[i] != frame.pts:
-                raise _SeekMissed()  # a frame the packets did not announce: count instead
-            return i
+    def index_of(frame, counter: int) -> int:
+        if not seek:  # from the start, frames come in display order
+            return counter
+        i = int(np.searchsorted(times, frame.pts)) if frame.pts is not None else len(times)
+        if i == len(times) or times[i] != frame.pts:
+            raise _SeekMissed()  # a frame the packets did not announce: count instead
+        return i
 
-        frames = container.decode(stream)
-        current, counter, k, aimed = -1, 0, 0, -1
+    frames = container.decode(stream)
+    current, counter, k, aimed = -1, 0, 0, -1
+    just_sought = False
+    while k < len(wanted):
+        target = wanted[k]
+        if seek and target != aimed and (scanned or target - current > SEEK_GAP):
+            aimed, scanned = target, False
+            offset = int(times[target])
+            try:
+                container.seek(offset, backward=True, any_frame=False, stream=stream)
+            except av.error.FFmpegError:
+                raise _SeekMissed() from None
+            frames = container.decode(stream)
+            just_sought = True
+        frame = next(frames, None)
+        if frame is None:
+            if just_sought:
+                raise _SeekMissed()  # a seek that left nothing to decode, e.g. did not move
+            break
+        global decoded_frames
+        decoded_frames += 1
+        index = index_of(frame, counter)
+        counter += 1
+        if just_sought and index > target:
+            raise _SeekMissed()
         just_sought = False
-        while k < len(wanted):
-            target = wanted[k]
-            if seek and target != aimed and target - current > SEEK_GAP:
-                aimed = target
-                offset = int(times[target])
-                try:
-                    container.seek(offset, backward=True, any_frame=False, stream=stream)
-                except av.error.FFmpegError:
-                    raise _SeekMissed() from None
-                frames = container.decode(stream)
-                just_sought = True
-            frame = next(frames, None)
-            if frame is None:
-                break
-            global decoded_frames
-            decoded_frames += 1
-            index = index_of(frame, counter)
-            counter += 1
-            if just_sought and index > target:
-                raise _SeekMissed()
-            just_sought = False
-            while k < len(wanted) and wanted[k] < index:
-                k += 1  # a frame that did not decode: reported as missing
-            if k < len(wanted) and wanted[k] == index:
-                out[index] = frame.to_ndarray(format="rgb24")
-                k += 1
-            current = index
+        while k < len(wanted) and wanted[k] < index:
+            k += 1  # a frame that did not decode: reported as missing
+        if k < len(wanted) and wanted[k] == index:
+            out[index] = frame.to_ndarray(format="rgb24")
+            k += 1
+        current = index
     return out
