@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
             training script saves: {'epoch', 'arch', 'state_dict', 'optimizer': None,
             'best_prec1'}, which the release's test script loads ('epoch' and 'best_prec1':
             those torch2flax recorded, or a workdir checkpoint's epochs trained and val top-1
-            in percent, from its metrics.jsonl). BatchNorm num_batches_tracked counters are those recorded by torch2flax, else the workdir's
-            step, else 0. I3D networks have no counterpart in the release; their kernels are
-            written in PyTorch's Conv3d layout.
+            in percent, from its metrics.jsonl). BatchNorm num_batches_tracked counters are
+            those recorded by torch2flax, else the workdir's step, else 0. I3D networks have
+            no counterpart in the release; their kernels are written in PyTorch's Conv3d
+            layout.
             """
         ),
         epilog=(
