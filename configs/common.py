@@ -28,7 +28,9 @@ from aia_jax.train import config as train_config
 def release_recipe(
     name: str, preset: str, *, root: str = "", depth: int = 50
 ) -> ml_collections.ConfigDict:
-    """The release's Something-Something recipe (docs/official-aia.md) for network `name`.
+    """The release's Something-Something V1 recipe (docs/official-aia.md) for network `name`.
+
+    The reference gives no recipe for any other dataset; their configs reuse this one unchanged.
 
     SGD, momentum 0.9, lr 0.01 per 40 clips (4 GPUs × 10), weight decay 1e-4, 50 epochs,
     ×0.1 at epochs 20 and 40, gradient clipping at global norm 20, dropout 0.5, no partial BN,

@@ -1,7 +1,7 @@
-"""Diving48: C2D ResNet-50, 8 segments, the release's recipe.
+"""Diving48: C2D ResNet-50, 8 segments, Something-Something V1's recipe.
 
 Run (frames extracted under ROOT as the preset `diving48` describes; ImageNet start converted
-with `python -m aia_jax.convert imagenet --weights resnet50.pth --name C2D --num-classes K
+with `python -m aia_jax.convert imagenet --weights resnet50.pth --name C2D --num-classes 48
 --output models/diving48_c2d_r50_in1k`):
 
     python train.py --config configs/diving48_c2d_r50.py --workdir runs/diving48_c2d_r50 \
@@ -14,6 +14,9 @@ Evaluate (1 clip × 1 crop, as the release reports):
 
 Expected result: not reported in the release.
 The recipe assumes a global batch of 40 clips; lr is scaled linearly with `batch_size`.
+The reference gives the release's recipe for Something-Something V1 only; it is reused
+here unchanged (horizontal flip without a label map: the reference gives one for
+Something-Something only).
 """
 
 from configs.common import release_recipe

@@ -1,7 +1,7 @@
 """Something-Something V1: I3D_CinST_BN ResNet-50, 8 segments, the release's recipe.
 
 Run (frames extracted under ROOT as the preset `something_v1` describes; ImageNet start converted
-with `python -m aia_jax.convert imagenet --weights resnet50.pth --name I3D_CinST_BN --num-classes K
+with `python -m aia_jax.convert imagenet --weights resnet50.pth --name I3D_CinST_BN --num-classes 174
 --output models/sthv1_i3d_cinst_r50_in1k`):
 
     python train.py --config configs/sthv1_i3d_cinst_r50.py --workdir runs/sthv1_i3d_cinst_r50 \

@@ -1,7 +1,7 @@
-"""Something-Something V2: TSM_CinST_BN ResNet-50, 8 segments, the release's recipe.
+"""Something-Something V2: TSM_CinST_BN ResNet-50, 8 segments, Something-Something V1's recipe.
 
 Run (frames extracted under ROOT as the preset `something_v2` describes; ImageNet start converted
-with `python -m aia_jax.convert imagenet --weights resnet50.pth --name TSM_CinST_BN --num-classes K
+with `python -m aia_jax.convert imagenet --weights resnet50.pth --name TSM_CinST_BN --num-classes 174
 --output models/sthv2_tsm_cinst_r50_in1k`):
 
     python train.py --config configs/sthv2_tsm_cinst_r50.py --workdir runs/sthv2_tsm_cinst_r50 \
@@ -14,6 +14,8 @@ Evaluate (1 clip × 1 crop, as the release reports):
 
 Expected result: not reported in the release.
 The recipe assumes a global batch of 40 clips; lr is scaled linearly with `batch_size`.
+The reference gives the release's recipe for Something-Something V1 only; it is reused
+here unchanged, flip label map included.
 """
 
 from configs.common import release_recipe
