@@ -13,6 +13,8 @@ Evaluate (1 clip × 1 crop, as the release reports):
         --config.data.root=ROOT
 
 Expected result: no 3D result in the release: this is aia-jax's own form.
+Frames: 8 segments, as the 2D forms (see `configs/common.py`); `--config.data.sampling=dense3d`
+reads dense clips instead.
 The recipe assumes a global batch of 40 clips; lr is scaled linearly with `batch_size`.
 """
 
