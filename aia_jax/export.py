@@ -11,9 +11,12 @@ size). With `input_dtype='float32'` the function instead takes clips that are al
 (the network's own input), for callers that do their own pre-processing.
 
 Files: `<output>` holds `Exported.serialize()` bytes (StableHLO plus calling convention), and
-`<output>.json` a sidecar with the input/output signature, class names and the model's
-`model.json`. `load_exported(output)` reads both back; it needs JAX but none of this project's
-model code.
+`<output>.json` a sidecar with the input/output signature, class names, the pre-processing
+settings `aia_jax.predict` uses, the model's `model.json` and the artefact's SHA-256. Both are
+written atomically (temporary file, then rename). `load_exported(output)` reads both back and
+refuses a sidecar written for another artefact; it needs JAX but none of this project's model
+code. An artefact exported here for `--platforms cpu,cuda` (no GPU needed to export) also runs
+on a CUDA GPU.
 
     python -m aia_jax.export --checkpoint DIR --output model.jaxexport [--crop-size 224]
         [--input-dtype uint8|float32] [--dtype float32|bfloat16] [--platforms cpu,cuda]
@@ -21,7 +24,9 @@ model code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -34,6 +39,7 @@ import numpy as np
 
 from aia_jax.errors import (
     ArgumentParser,
+    InputNotFoundError,
     UserError,
     one_line,
     positive_int,
@@ -111,22 +117,41 @@ def export_model(
     return jax.export.export(jax.jit(fn), platforms=platforms)(spec)
 
 
+def _write_atomically(path: str, data: bytes) -> None:
+    """Writes `path` through a temporary file and a rename: never a partly written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def write_export(
     path: str, exported: jax.export.Exported, sidecar: Mapping[str, Any]
 ) -> tuple[str, str]:
-    """Writes the serialized artefact and its JSON sidecar; returns both paths."""
+    """Writes the serialized artefact and its JSON sidecar (with the artefact's `sha256`).
+
+    Each file is replaced atomically; a crash between the two leaves a sidecar whose `sha256`
+    names the other artefact, which `load_exported` refuses. Returns both paths.
+    """
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory; --output names the artefact file to write")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     try:
         blob = exported.serialize()
     except ImportError as e:  # jax's serializer needs the optional `flatbuffers` package
         raise ImportError(f"{e} (pip install flatbuffers)") from e
-    with open(path, "wb") as f:
-        f.write(blob)
     side = path + SIDECAR_SUFFIX
-    with open(side, "w") as f:
-        json.dump(dict(sidecar), f, indent=2)
-        f.write("\n")
+    text = json.dumps({**sidecar, "sha256": hashlib.sha256(blob).hexdigest()}, indent=2)
+    _write_atomically(path, bytes(blob))
+    _write_atomically(side, (text + "\n").encode())
     return path, side
 
 
@@ -139,9 +164,8 @@ def make_sidecar(
     class_names: Sequence[str] | None,
 ) -> dict[str, Any]:
     """The JSON description of an artefact: signature, pre-processing, classes, model."""
-    (in_aval,) = exported.in_avals
     (out_aval,) = exported.out_avals
-    shape = [d if isinstance(d, int) else str(d) for d in in_aval.shape]
+    shape, _ = _signature(exported)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -187,11 +211,29 @@ class LoadedExport:
         clips = np.asarray(clips)
         if clips.dtype != self.input_dtype:
             raise TypeError(f"expected {self.input_dtype} clips, got {clips.dtype}")
+        (in_aval,), (out_aval,) = self.exported.in_avals, self.exported.out_avals
+        if clips.shape[:1] == (0,) and clips.shape[1:] == tuple(in_aval.shape[1:]):
+            # jax.export's symbolic batch is >= 1: an empty batch has no logits to compute.
+            return np.zeros((0, *out_aval.shape[1:]), np.float32)
         return np.asarray(self.exported.call(clips))
 
 
+def _signature(exported: jax.export.Exported) -> tuple[list[Any], str]:
+    """Input shape (symbolic dimensions as strings) and dtype, as the sidecar records them."""
+    (in_aval,) = exported.in_avals
+    shape = [d if isinstance(d, int) else str(d) for d in in_aval.shape]
+    return shape, np.dtype(in_aval.dtype).name
+
+
 def load_exported(path: str) -> LoadedExport:
-    """Reads `path` (serialized `Exported`) and its sidecar `path.json` (optional)."""
+    """Reads `path` (serialized `Exported`) and its sidecar `path.json` (optional).
+
+    Raises:
+      UserError: `path` is missing or not an artefact, or the sidecar is not valid JSON or
+        describes another artefact.
+    """
+    if not os.path.isfile(path):
+        raise InputNotFoundError(f"{path}: exported model not found")
     with open(path, "rb") as f:
         blob = bytearray(f.read())
     try:
@@ -201,10 +243,30 @@ def load_exported(path: str) -> LoadedExport:
             f"{path}: not a model exported by aia_jax.export ({type(e).__name__}: "
             f"{one_line(e)[:200]})"
         ) from None
+    side = path + SIDECAR_SUFFIX
     sidecar: dict[str, Any] = {}
-    if os.path.exists(path + SIDECAR_SUFFIX):
-        with open(path + SIDECAR_SUFFIX) as f:
-            sidecar = json.load(f)
+    if os.path.exists(side):
+        try:
+            with open(side) as f:
+                sidecar = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{side}: not a readable JSON sidecar ({one_line(e)[:200]})") from None
+        if not isinstance(sidecar, dict):
+            raise UserError(f"{side}: not a sidecar written by aia_jax.export (not an object)")
+        # Its class names and pre-processing only hold for the artefact it was written with.
+        digest = sidecar.get("sha256")
+        if digest is not None and digest != hashlib.sha256(blob).hexdigest():
+            raise UserError(
+                f"{side}: written for another artefact than {path} (sha256 differs); "
+                "export again or remove the sidecar"
+            )
+        shape, dtype = _signature(exported)
+        recorded = sidecar.get("input") or {}
+        if recorded and (recorded.get("shape"), recorded.get("dtype")) != (shape, dtype):
+            raise UserError(
+                f"{side}: describes {recorded.get('dtype')} {recorded.get('shape')} clips, but "
+                f"{path} takes {dtype} {shape}; export again or remove the sidecar"
+            )
     return LoadedExport(exported, sidecar)
 
 
@@ -255,6 +317,8 @@ def export_checkpoint(
         class_names=class_names,
     )
     sidecar["crop_size"] = crop_size
+    # What `aia_jax.predict` reads clips with (resize, sampling, ...), so a server can match it.
+    sidecar["preprocessing"] = {**settings, "crop_size": crop_size}
     write_export(output, exported, sidecar)
     return sidecar
 

@@ -18,7 +18,7 @@ import os
 import platform
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 from absl import logging
 
@@ -45,27 +45,71 @@ def _jaxlib_minor() -> str | None:
     return ".".join(version.split(".")[:2])
 
 
+_OFF = ("0", "false", "no", "off")
+_ON = ("", "1", "true", "yes", "on")
+
+
+def _switch(environ: Mapping[str, str], name: str) -> bool:
+    """Whether the on/off variable `name` is on (unset or empty: on)."""
+    value = environ.get(name, "").strip().lower()
+    if value in _OFF:
+        return False
+    if value not in _ON:
+        # A typo must not stop a training run; the warning names what was read.
+        logging.warning(
+            "aia_jax.xla_cpu: %s=%r is not one of %s (off) or %s (on); taken as on.",
+            name,
+            environ[name],
+            "/".join(_OFF),
+            "/".join(v for v in _ON if v),
+        )
+    return True
+
+
+def _backend_started() -> bool:
+    """Whether this process's JAX backends exist already (XLA read XLA_FLAGS then)."""
+    xla_bridge = sys.modules.get("jax._src.xla_bridge")
+    # A private function: on a jax without it, assume not started (the behaviour before).
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started is not None and started())
+
+
 def apply_cpu_flags(environ: MutableMapping[str, str] = os.environ) -> list[str]:
     """Appends `CPU_FLAGS` to `environ['XLA_FLAGS']` where safe; returns the flags added.
 
     A flag whose name, or that of a flag making the same choice, already appears in `XLA_FLAGS`
     is left as the user set it (`--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED`
-    keeps XLA's default). Nothing is added for a jaxlib outside `MEASURED_JAXLIB`, or
-    when `AIA_JAX_XLA_CPU_FLAGS=0`. Called on the real environment, it also applies
-    `retain_host_memory`, unless `AIA_JAX_RETAIN_HOST_MEMORY=0`.
+    keeps XLA's default), and so is an `XLA_FLAGS` that names a flag file. Nothing is added for a
+    jaxlib outside `MEASURED_JAXLIB`, or when `AIA_JAX_XLA_CPU_FLAGS` is 0/false/no/off. Called
+    on the real environment, it also applies `retain_host_memory`, unless
+    `AIA_JAX_RETAIN_HOST_MEMORY` is off; there, once JAX's backend has started, it changes
+    nothing, with a warning where flags were missing (XLA has read its flags by then).
     """
-    if environ.get("AIA_JAX_XLA_CPU_FLAGS", "1") == "0":
+    if not _switch(environ, "AIA_JAX_XLA_CPU_FLAGS"):
         return []
-    if environ is os.environ and environ.get("AIA_JAX_RETAIN_HOST_MEMORY", "1") != "0":
+    started = environ is os.environ and _backend_started()
+    if environ is os.environ and not started and _switch(environ, "AIA_JAX_RETAIN_HOST_MEMORY"):
         retain_host_memory()
     if _jaxlib_minor() not in MEASURED_JAXLIB:
         return []
     current = environ.get("XLA_FLAGS", "")
+    if current.strip() and not current.lstrip().startswith("-"):
+        # XLA reads such a value as the name of a file of flags; anything appended to it would
+        # make XLA look for a file of that longer name and abort.
+        return []
     added = []
     for flag in CPU_FLAGS:
         name = flag.split("=")[0]
         if not any(n in current for n in (name, *_SAME_CHOICE.get(name, ()))):
             added.append(flag)
+    if added and started:
+        # XLA read XLA_FLAGS when the backend started: setting them now would only look applied.
+        logging.warning(
+            "aia_jax.xla_cpu.apply_cpu_flags: JAX's backend has already started, so %s were "
+            "not added (nor the allocator setting); call it before JAX first uses a device.",
+            " ".join(added),
+        )
+        return []
     if added:
         environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
     return added
@@ -81,6 +125,8 @@ _GLIBC_MMAP_MAX, _GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024
 # The kept heap is a cache: past this share of the memory the process may use, it is handed back.
 RETAIN_LIMIT_FRACTION = 0.5
 _retained = False
+# Set by `release_host_memory` to stop the watchdog; a fresh one per `retain_host_memory`, so a
+# retain after a release gets a watchdog again.
 _released = threading.Event()
 
 
@@ -100,10 +146,46 @@ def _cpu_only() -> bool:
     )
 
 
+_CGROUP_ROOT = "/sys/fs/cgroup"
+_PROC_CGROUP = "/proc/self/cgroup"
+
+
+def _cgroup_limit_files() -> list[str]:
+    """The memory-limit files of this process's cgroup and of each cgroup above it (v2, v1).
+
+    The root's files are the limit where /sys/fs/cgroup is the container's own cgroup; where it
+    is the host's (systemd services, Slurm jobs), the process's cgroup is a sub-directory named
+    in /proc/self/cgroup, and any cgroup above it may hold the lower limit.
+    """
+    files = [
+        os.path.join(_CGROUP_ROOT, "memory.max"),
+        os.path.join(_CGROUP_ROOT, "memory", "memory.limit_in_bytes"),
+    ]
+    try:
+        with open(_PROC_CGROUP) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return files
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:  # v2: one hierarchy, `memory.max`
+            base, name = _CGROUP_ROOT, "memory.max"
+        elif "memory" in controllers.split(","):  # v1: the memory controller's own hierarchy
+            base, name = os.path.join(_CGROUP_ROOT, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p and p != ".."]
+        files += [os.path.join(base, *parts[:i], name) for i in range(len(parts), 0, -1)]
+    return files
+
+
 def memory_limit() -> int:
-    """Bytes this process may use: the machine's memory, or its cgroup's limit if lower."""
+    """Bytes this process may use: the machine's memory, or its cgroups' limit if lower.
+
+    A cgroup without a limit ("max" in v2, a huge number in v1) or a missing file counts as none.
+    """
     limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for path in _cgroup_limit_files():
         try:
             with open(path) as f:
                 value = f.read().strip()
@@ -146,7 +228,7 @@ def retain_host_memory(limit_bytes: int | None = None, poll_s: float = 0.5) -> b
     start later), and only on Linux with glibc where JAX can run on the CPU alone. Returns
     whether it applied the settings.
     """
-    global _retained
+    global _retained, _released
     if _retained:
         return True
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or not _cpu_only():
@@ -158,15 +240,16 @@ def retain_host_memory(limit_bytes: int | None = None, poll_s: float = 0.5) -> b
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
     _retained = all(mallopt(param, value) == 1 for param, value in settings)
     if _retained:
+        _released = threading.Event()
         limit = int(RETAIN_LIMIT_FRACTION * memory_limit()) if limit_bytes is None else limit_bytes
         threading.Thread(
-            target=_watch, args=(limit, poll_s), name="aia_jax-host-memory", daemon=True
+            target=_watch, args=(limit, poll_s, _released), name="aia_jax-host-memory", daemon=True
         ).start()
     return _retained
 
 
-def _watch(limit: int, poll_s: float) -> None:
-    while not _released.wait(poll_s):
+def _watch(limit: int, poll_s: float, released: threading.Event) -> None:
+    while not released.wait(poll_s):
         resident = resident_bytes()
         if resident > limit:
             release_host_memory()

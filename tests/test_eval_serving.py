@@ -91,6 +91,13 @@ def test_export_round_trip(model_dir, tmp_path, capsys):
         logits = loaded(clips[:batch])
         assert logits.shape == (batch, CLASSES) and logits.dtype == np.float32
         np.testing.assert_allclose(logits, expected[:batch], rtol=1e-5, atol=1e-5)
+    # An empty batch (jax.export's symbolic sizes are >= 1) gives empty logits, not an error.
+    empty = loaded(clips[:0])
+    assert empty.shape == (0, CLASSES) and empty.dtype == np.float32
+    # What predict reads clips with, for a server to do the same.
+    settings = predict.preprocessing_settings(model_dir, crop_size=S)
+    assert loaded.sidecar["preprocessing"] == json.loads(json.dumps(settings))
+    assert sorted(os.listdir(tmp_path)) == ["model.jaxexport", "model.jaxexport.json"]
 
 
 def test_export_float_input(model_dir):
@@ -119,6 +126,71 @@ def test_export_names_unknown_platforms_and_foreign_files(model_dir, tmp_path, c
     garbage.write_bytes(b"not an exported model" * 10)
     with pytest.raises(export.UserError, match="garbage.jaxexport: not a model exported by"):
         export.load_exported(str(garbage))
+
+
+def _tiny_export(n: int) -> jax.export.Exported:
+    """A small batch-polymorphic artefact (no network: fast), `[b, n] uint8 -> [b, n]`."""
+    (b,) = jax.export.symbolic_shape("b", constraints=("b >= 1",))
+    fn = jax.jit(lambda x: x.astype(jnp.float32) * 2)
+    return jax.export.export(fn)(jax.ShapeDtypeStruct((b, n), jnp.uint8))
+
+
+def _tiny_sidecar(exported, names):
+    shape = [d if isinstance(d, int) else str(d) for d in exported.in_avals[0].shape]
+    return {"input": {"shape": shape, "dtype": "uint8"}, "class_names": names}
+
+
+def test_export_overwrite_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.jaxexport")
+    old = _tiny_export(3)
+    export.write_export(path, old, _tiny_sidecar(old, ["a", "b", "c"]))
+
+    # A crash while writing the new pair leaves the old one whole, and no temporary files.
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    new = _tiny_export(5)
+    monkeypatch.setattr(export.json, "dump", crash)
+    monkeypatch.setattr(export.json, "dumps", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export.write_export(path, new, _tiny_sidecar(new, list("vwxyz")))
+    monkeypatch.undo()
+    loaded = export.load_exported(path)
+    assert loaded.class_names == ["a", "b", "c"]
+    np.testing.assert_array_equal(loaded(np.ones((2, 3), np.uint8)), np.full((2, 3), 2.0))
+    assert sorted(os.listdir(tmp_path)) == ["model.jaxexport", "model.jaxexport.json"]
+
+
+def test_export_sidecar_of_another_artefact_is_refused(tmp_path):
+    path = str(tmp_path / "model.jaxexport")
+    old, new = _tiny_export(3), _tiny_export(5)
+    export.write_export(path, old, _tiny_sidecar(old, ["a", "b", "c"]))
+    side = path + export.SIDECAR_SUFFIX
+    sidecar = json.loads(open(side).read())
+    # The artefact replaced, the sidecar not (a crash between the two, or a copied artefact):
+    # its class names would be shown for another model's logits.
+    with open(path, "wb") as f:
+        f.write(new.serialize())
+    with pytest.raises(export.UserError, match=r"\.json: written for another artefact than .*"):
+        export.load_exported(path)
+    # A sidecar without a sha256 (written by an older version) is checked by its signature.
+    del sidecar["sha256"]
+    with open(side, "w") as f:
+        json.dump(sidecar, f)
+    with pytest.raises(
+        export.UserError, match=r"describes uint8 \['b', 3\] clips, but .* \['b', 5\]"
+    ):
+        export.load_exported(path)
+    with open(side, "w") as f:
+        f.write('{"input": ')  # truncated
+    with pytest.raises(export.UserError, match=r"\.json: not a readable JSON sidecar"):
+        export.load_exported(path)
+    os.remove(side)  # optional: without it there are no class names
+    assert export.load_exported(path).class_names is None
+    with pytest.raises(export.UserError, match=r"missing\.jaxexport: exported model not found"):
+        export.load_exported(str(tmp_path / "missing.jaxexport"))
+    with pytest.raises(export.UserError, match=r": is a directory; --output names the artefact"):
+        export.write_export(str(tmp_path), new, {})
 
 
 def _fails(main, argv, capsys) -> str:

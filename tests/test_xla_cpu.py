@@ -258,6 +258,7 @@ def test_cpu_only_sees_accelerator_plugins(monkeypatch):
 def test_opt_out_keeps_glibc_defaults(monkeypatch):
     calls = []
     monkeypatch.setattr(xla_cpu, "retain_host_memory", lambda: calls.append(1))
+    monkeypatch.setattr(xla_cpu, "_backend_started", lambda: False, raising=False)
     monkeypatch.setenv("AIA_JAX_XLA_CPU_FLAGS", "0")
     assert xla_cpu.apply_cpu_flags() == [] and calls == []
     # Its own switch keeps glibc's defaults and still adds the flags.
@@ -266,3 +267,99 @@ def test_opt_out_keeps_glibc_defaults(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setattr(xla_cpu, "_jaxlib_minor", lambda: xla_cpu.MEASURED_JAXLIB[0])
     assert xla_cpu.apply_cpu_flags() == list(xla_cpu.CPU_FLAGS) and calls == []
+
+
+@pytest.mark.parametrize("off", ["0", "false", "False", "no", "off", " OFF "])
+def test_opt_out_spellings(measured, monkeypatch, off):
+    calls = []
+    monkeypatch.setattr(xla_cpu, "retain_host_memory", lambda: calls.append(1))
+    monkeypatch.setattr(xla_cpu, "_backend_started", lambda: False, raising=False)
+    env = {"AIA_JAX_XLA_CPU_FLAGS": off}
+    assert xla_cpu.apply_cpu_flags(env) == [] and "XLA_FLAGS" not in env
+    monkeypatch.setenv("AIA_JAX_XLA_CPU_FLAGS", "")  # empty: the default, on
+    monkeypatch.setenv("AIA_JAX_RETAIN_HOST_MEMORY", off)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert xla_cpu.apply_cpu_flags() == FLAGS and calls == []
+
+
+def test_unknown_switch_value_is_on_with_a_warning(measured, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(xla_cpu.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    env = {"AIA_JAX_XLA_CPU_FLAGS": "disable"}
+    assert xla_cpu.apply_cpu_flags(env) == FLAGS
+    assert len(warnings) == 1 and "AIA_JAX_XLA_CPU_FLAGS='disable'" in warnings[0]
+
+
+def test_keeps_an_xla_flags_file(measured, tmp_path):
+    # XLA reads an XLA_FLAGS that does not start with "-" as a file of flags: appending to it
+    # made XLA abort ("Could not open file \"<file> --xla_cpu_...\"").
+    flag_file = str(tmp_path / "xla_flags.txt")
+    env = {"XLA_FLAGS": flag_file}
+    assert xla_cpu.apply_cpu_flags(env) == [] and env["XLA_FLAGS"] == flag_file
+
+
+def test_changes_nothing_once_the_backend_started(measured, monkeypatch):
+    # XLA read XLA_FLAGS when the backend started: adding flags then only looks applied.
+    import jax
+
+    jax.devices()
+    warnings, calls = [], []
+    monkeypatch.setattr(xla_cpu.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    monkeypatch.setattr(xla_cpu, "retain_host_memory", lambda: calls.append(1))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("AIA_JAX_XLA_CPU_FLAGS", raising=False)
+    assert xla_cpu.apply_cpu_flags() == [] and "XLA_FLAGS" not in os.environ and calls == []
+    assert len(warnings) == 1 and "already started" in warnings[0]
+    # Nothing missing (the program applied them before JAX started): nothing to warn about.
+    monkeypatch.setenv("XLA_FLAGS", " ".join(FLAGS))
+    assert xla_cpu.apply_cpu_flags() == [] and len(warnings) == 1
+    # An environment for another process is still filled in.
+    assert xla_cpu.apply_cpu_flags({}) == FLAGS
+
+
+_RETAIN_AGAIN_PROGRAM = """if True:
+    import time
+    from aia_jax import xla_cpu
+    if not xla_cpu.retain_host_memory(limit_bytes=1 << 60):
+        raise SystemExit("SKIP")
+    xla_cpu.release_host_memory()
+    # Kept again: a new watchdog must hand the heap back past its (tiny) limit.
+    assert xla_cpu.retain_host_memory(limit_bytes=1, poll_s=0.02)
+    deadline = time.monotonic() + 10
+    while xla_cpu._retained and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("RELEASED", xla_cpu._retained is False)
+"""
+
+
+def test_retain_after_release_is_watched_again():
+    proc = _run_program(_RETAIN_AGAIN_PROGRAM)
+    assert "RELEASED True" in proc.stdout, proc.stdout
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_memory_limit_of_nested_cgroups(monkeypatch, tmp_path):
+    # Where /sys/fs/cgroup is the host's (systemd services, Slurm jobs), the process's limit is
+    # in its own cgroup's directory or one above it, not in the root's files.
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    root, proc = tmp_path / "cgroup", tmp_path / "proc_self_cgroup"
+    monkeypatch.setattr(xla_cpu, "_CGROUP_ROOT", str(root), raising=False)
+    monkeypatch.setattr(xla_cpu, "_PROC_CGROUP", str(proc), raising=False)
+    assert xla_cpu.memory_limit() == physical  # no files at all
+    # v2: no limit on the job step itself ("max"), 1 GiB on the job above it.
+    proc.write_text("0::/system.slice/job_7/step_0\n")
+    _write(root / "system.slice/job_7/step_0/memory.max", "max\n")
+    _write(root / "system.slice/job_7/memory.max", f"{1 << 30}\n")
+    assert xla_cpu.memory_limit() == min(physical, 1 << 30)
+    # v1: the root's "no limit" is a huge number; the process's cgroup has 512 MiB.
+    root, proc = tmp_path / "v1", tmp_path / "proc_self_cgroup_v1"
+    monkeypatch.setattr(xla_cpu, "_CGROUP_ROOT", str(root), raising=False)
+    monkeypatch.setattr(xla_cpu, "_PROC_CGROUP", str(proc), raising=False)
+    proc.write_text("9:name=systemd:/\n4:memory:/process_api/abc\n3:cpuset:/\n0::/\n")
+    _write(root / "memory/memory.limit_in_bytes", "9223372036854771712\n")
+    _write(root / "memory/process_api/abc/memory.limit_in_bytes", f"{1 << 29}\n")
+    assert xla_cpu.memory_limit() == min(physical, 1 << 29)
