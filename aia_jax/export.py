@@ -15,8 +15,8 @@ Files: `<output>` holds `Exported.serialize()` bytes (StableHLO plus calling con
 settings `aia_jax.predict` uses, the model's `model.json` and the artefact's SHA-256. Both are
 written atomically (temporary file, then rename). `load_exported(output)` reads both back and
 refuses a sidecar written for another artefact; it needs JAX but none of this project's model
-code. An artefact exported here for `--platforms cpu,cuda` (no GPU needed to export) also runs
-on a CUDA GPU.
+code. `--platforms cpu,cuda` exports for both backends without a GPU (jax lowers for each);
+the CUDA side has not been run on a GPU by this project's tests.
 
     python -m aia_jax.export --checkpoint DIR --output model.jaxexport [--crop-size 224]
         [--input-dtype uint8|float32] [--dtype float32|bfloat16] [--platforms cpu,cuda]
