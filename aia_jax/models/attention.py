@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from aia_jax.models import fused
-from aia_jax.models.layers import BatchNorm, unbiased
+from aia_jax.models.layers import BatchNorm, update_running_stats
 
 Dtype = Any
 
@@ -168,9 +168,8 @@ class GateNorm(nn.Module):
             return y.astype(self.dtype)
         y, mean, var = fused.batch_norm(x, scale, bias, self.epsilon)
         if not self.is_initializing():
-            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             n = x.size // x.shape[-1]
-            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased(var, n)
+            update_running_stats(ra_mean, ra_var, mean, var, n, self.momentum)
         return y.astype(self.dtype)
 
 

@@ -196,13 +196,18 @@ def _max_pool_jvp(window, strides, padding, primals, tangents):
     return out, dout
 
 
-def unbiased(var: jax.Array, n: int) -> jax.Array:
-    """The unbiased variance of `n` values from their biased one (PyTorch's running update).
+def update_running_stats(
+    ra_mean: Any, ra_var: Any, mean: jax.Array, var: jax.Array, n: int, momentum: float
+) -> None:
+    """Moves the running statistics (Flax `Variable`s) as `torch.nn.BatchNorm*d` does.
 
-    One value (n = 1) has no unbiased variance; PyTorch refuses to train on it, and the biased
-    one (0) is kept here.
+    `mean` and `var` are the batch's (biased variance) over `n` values per channel; the running
+    variance moves by the unbiased one, var · n / (n − 1). One value (n = 1) has no unbiased
+    variance (PyTorch refuses to train on it): the biased one (0) is used.
     """
-    return var * (n / (n - 1)) if n > 1 else var
+    unbiased = var * (n / (n - 1)) if n > 1 else var
+    ra_mean.value = momentum * ra_mean.value + (1 - momentum) * mean
+    ra_var.value = momentum * ra_var.value + (1 - momentum) * unbiased
 
 
 class BatchNorm(nn.Module):
@@ -247,9 +252,7 @@ class BatchNorm(nn.Module):
             var = jnp.maximum(0.0, mean_square - jax.lax.square(mean))
             if not self.is_initializing():
                 n = x.size // x.shape[-1]
-                m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * mean
-                ra_var.value = m * ra_var.value + (1 - m) * unbiased(var, n)
+                update_running_stats(ra_mean, ra_var, mean, var, n, self.momentum)
         # In nn.BatchNorm's order of operations and shapes, so that the gradients (whose terms
         # autodiff adds in that order) come out bit for bit.
         shape = (1,) * len(axes) + features

@@ -157,7 +157,7 @@ class Bottleneck(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         if self.form not in TEMPORAL_FORMS:
             raise ValueError(f"form must be one of {TEMPORAL_FORMS}, got {self.form!r}")
-        _check_shift_place(self.shift_place)
+        check_shift_place(self.shift_place)
         _check_input(
             x,
             self.form,
@@ -228,7 +228,8 @@ class Bottleneck(nn.Module):
         return nn.relu(y + residual)
 
 
-def _check_shift_place(shift_place: str) -> None:
+def check_shift_place(shift_place: str) -> None:
+    """Raises `ValueError` unless `shift_place` is one of `SHIFT_PLACES`."""
     if shift_place not in SHIFT_PLACES:
         raise ValueError(f"shift_place must be 'blockres' or 'block', got {shift_place!r}")
 
@@ -296,7 +297,7 @@ class ResNet(nn.Module):
         """
         if self.form not in TEMPORAL_FORMS:
             raise ValueError(f"form must be one of {TEMPORAL_FORMS}, got {self.form!r}")
-        _check_shift_place(self.shift_place)
+        check_shift_place(self.shift_place)
         three_d = self.form == "I3D"
         _check_input(
             x, self.form, self.num_segments, clips=self.form != "C2D" or self.attention != "none"

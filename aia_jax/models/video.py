@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from aia_jax.models.attention import DEFAULT_IMPL, IMPLS, PLACEMENTS
-from aia_jax.models.resnet import STAGE_SIZES, TEMPORAL_FORMS, ResNet
+from aia_jax.models.resnet import STAGE_SIZES, TEMPORAL_FORMS, ResNet, check_shift_place
 
 Dtype = Any
 
@@ -165,8 +165,7 @@ def create(
         raise ValueError(f"num_segments must be a positive integer, got {num_segments}")
     if depth not in STAGE_SIZES:
         raise ValueError(f"depth must be one of {sorted(STAGE_SIZES)}, got {depth}")
-    if shift_place not in ("blockres", "block"):
-        raise ValueError(f"shift_place must be 'blockres' or 'block', got {shift_place!r}")
+    check_shift_place(shift_place)
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if attention_impl not in IMPLS:
