@@ -24,7 +24,6 @@ the CUDA side has not been run on a GPU by this project's tests.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -45,6 +44,7 @@ from aia_jax.errors import (
     positive_int,
     reported_as_usage_errors,
 )
+from aia_jax.fileio import write_atomically
 
 SIDECAR_SUFFIX = ".json"
 # What `jax.export` lowers for.
@@ -117,21 +117,6 @@ def export_model(
     return jax.export.export(jax.jit(fn), platforms=platforms)(spec)
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """Writes `path` through a temporary file and a rename: never a partly written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def write_export(
     path: str, exported: jax.export.Exported, sidecar: Mapping[str, Any]
 ) -> tuple[str, str]:
@@ -150,8 +135,8 @@ def write_export(
         raise ImportError(f"{e} (pip install flatbuffers)") from e
     side = path + SIDECAR_SUFFIX
     text = json.dumps({**sidecar, "sha256": hashlib.sha256(blob).hexdigest()}, indent=2)
-    _write_atomically(path, bytes(blob))
-    _write_atomically(side, (text + "\n").encode())
+    write_atomically(path, bytes(blob))
+    write_atomically(side, (text + "\n").encode())
     return path, side
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from aia_jax.fileio import write_atomically
+
 RESULTS_JSON = "results.json"
 PER_CLASS_CSV = "per_class_accuracy.csv"
 CONFUSION_CSV = "confusion_matrix.csv"
@@ -168,11 +170,7 @@ def plot_confusion(
 
 def write_json(path: str, obj: Any) -> None:
     """Writes `obj` as indented JSON (atomically: temporary file, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:

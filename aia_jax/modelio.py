@@ -26,6 +26,7 @@ from absl import logging
 from flax import traverse_util
 
 from aia_jax.errors import InputNotFoundError, UserError, one_line
+from aia_jax.fileio import write_atomically
 
 PyTree = Any
 
@@ -66,11 +67,7 @@ def write_meta(directory: str, meta: Mapping[str, Any]) -> None:
     """Writes `model.json` into `directory` (atomically: temporary file, then rename)."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, MODEL_JSON)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(dict(meta), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(dict(meta), indent=2, sort_keys=True) + "\n")
 
 
 def read_meta(directory: str) -> dict[str, Any]:

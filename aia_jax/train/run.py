@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from aia_jax import modelio
 from aia_jax.errors import UserError, one_line
+from aia_jax.fileio import write_atomically
 from aia_jax.train import config as config_lib
 from aia_jax.train import mesh as mesh_lib
 from aia_jax.train import optim
@@ -101,11 +102,7 @@ def _put_replicated(tree: Any, sharding: Any) -> Any:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _num_train_examples(data: Any, data_cfg: Any) -> int:
