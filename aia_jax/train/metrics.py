@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import tqdm
 
+from aia_jax.fileio import write_atomically
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
 
@@ -90,10 +92,7 @@ def _truncate_after(path: str, step: int) -> None:
             keep.append(line if line.endswith("\n") else line + "\n")
     if keep == lines:
         return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    write_atomically(path, "".join(keep))
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
