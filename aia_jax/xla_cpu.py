@@ -196,10 +196,21 @@ def memory_limit() -> int:
     return limit
 
 
+_STATM = "/proc/self/statm"
+
+
 def resident_bytes() -> int:
     """This process's resident set, from /proc/self/statm."""
-    with open("/proc/self/statm") as f:
+    with open(_STATM) as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _resident_bytes_or_none() -> int | None:
+    # A /proc mounted with hidepid or missing (some sandboxes) leaves nothing to watch.
+    try:
+        return resident_bytes()
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def retain_host_memory(limit_bytes: int | None = None, poll_s: float = 0.5) -> bool:
@@ -225,13 +236,16 @@ def retain_host_memory(limit_bytes: int | None = None, poll_s: float = 0.5) -> b
     (read by `apply_cpu_flags`) keeps glibc's defaults from the start.
 
     Applied once per process, before the backend starts (the arena limit binds threads that
-    start later), and only on Linux with glibc where JAX can run on the CPU alone. Returns
-    whether it applied the settings.
+    start later), and only on Linux with glibc where JAX can run on the CPU alone and the
+    resident set can be read (without it nothing would bound the heap). Returns whether it
+    applied the settings.
     """
     global _retained, _released
     if _retained:
         return True
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or not _cpu_only():
+        return False
+    if _resident_bytes_or_none() is None:
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
@@ -250,7 +264,15 @@ def retain_host_memory(limit_bytes: int | None = None, poll_s: float = 0.5) -> b
 
 def _watch(limit: int, poll_s: float, released: threading.Event) -> None:
     while not released.wait(poll_s):
-        resident = resident_bytes()
+        resident = _resident_bytes_or_none()
+        if resident is None:
+            release_host_memory()
+            logging.warning(
+                "aia_jax.xla_cpu: cannot read %s to watch the kept heap; glibc's allocator "
+                "defaults restored (slower steps, bounded memory).",
+                _STATM,
+            )
+            return
         if resident > limit:
             release_host_memory()
             logging.warning(

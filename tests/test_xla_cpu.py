@@ -337,6 +337,29 @@ def test_retain_after_release_is_watched_again():
     assert "RELEASED True" in proc.stdout, proc.stdout
 
 
+_UNREADABLE_STATM_PROGRAM = """if True:
+    import time
+    from aia_jax import xla_cpu
+    if not xla_cpu.retain_host_memory(limit_bytes=1 << 60, poll_s=0.02):
+        raise SystemExit("SKIP")
+    # /proc/self/statm gone while running: the watchdog cannot bound the heap any more.
+    xla_cpu._STATM = "/nonexistent/statm"
+    deadline = time.monotonic() + 10
+    while xla_cpu._retained and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("RELEASED", xla_cpu._retained is False)
+    # Unreadable from the start: the heap is not kept at all.
+    print("KEPT AGAIN", xla_cpu.retain_host_memory(limit_bytes=1 << 60))
+"""
+
+
+def test_unreadable_resident_set_keeps_no_heap():
+    proc = _run_program(_UNREADABLE_STATM_PROGRAM)
+    assert "RELEASED True" in proc.stdout and "KEPT AGAIN False" in proc.stdout, proc.stdout
+    # The watchdog stopped with a warning, not with a thread's traceback.
+    assert "Traceback" not in proc.stderr and "cannot read" in proc.stderr, proc.stderr
+
+
 def _write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
