@@ -225,6 +225,66 @@ def test_too_few_videos_for_the_batch(tmp_path):
         )
 
 
+def test_list_and_class_name_files_with_a_byte_order_mark(tmp_path):
+    # Windows editors save UTF-8 with a BOM (and CRLF); it is no part of the first path or name.
+    testing.write_frame_folders(str(tmp_path), 2, 12)
+    lines = (tmp_path / "train.txt").read_bytes().replace(b"\n", b"\r\n")
+    (tmp_path / "train.txt").write_bytes(b"\xef\xbb\xbf" + lines)
+    names = tmp_path / "names.txt"
+    names.write_bytes("\ufeffa\r\nb\r\nc\r\nd\r\n".encode())
+    c = small_config(tmp_path, classnames=str(names))
+    assert all_eval(c, batch=2)["valid"].tolist() == [True, True]
+    assert data.class_names(c) == ["a", "b", "c", "d"]
+    testing.write_video_files(str(tmp_path / "v"), 1, 10)
+    (tmp_path / "v" / "train.txt").write_bytes(b"\xef\xbb\xbfv000.mp4 1\r\n")
+    entries = sources.parse_video_list(
+        str(tmp_path / "v" / "train.txt"), str(tmp_path / "v/videos"), 4
+    )
+    assert entries[0].path == "v000.mp4"
+
+
+def test_frames_of_different_sizes_in_one_clip(tmp_path):
+    from PIL import Image
+
+    testing.write_frame_folders(str(tmp_path), 2, 12)
+    frame = tmp_path / "frames" / "vid001" / "img_00005.jpg"  # a segment centre (index 4)
+    Image.open(frame).resize((40, 30)).save(frame)
+    out = all_eval(small_config(tmp_path), batch=2)
+    assert out["valid"].tolist() == [True, True]
+    np.testing.assert_array_equal(frame_ids(out["video"][1, 0]), [1, 4, 7, 10])
+    np.testing.assert_array_equal(video_ids(out["video"][1, 0]), [1, 1, 1, 1])
+
+
+def _broken_png(path):
+    """A PNG whose IDAT length is wrong: PIL raises SyntaxError ("broken PNG file") on load."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")  # an IDAT long enough to cut short
+    data_ = bytearray(buffer.getvalue())
+    data_[33 + 3] ^= 0x40  # IDAT follows the 8-byte signature and the 25-byte IHDR chunk
+    path.write_bytes(bytes(data_))
+    return bytes(data_)
+
+
+def test_damaged_png_frames_are_bad_samples(tmp_path):
+    testing.write_frame_folders(str(tmp_path), 3, 12, template="img_{:05d}.png")
+    for f in range(1, 13):
+        broken = _broken_png(tmp_path / "frames" / "vid001" / f"img_{f:05d}.png")
+    c = small_config(tmp_path, filename_template="img_{:05d}.png")
+    with pytest.raises(
+        data.BadSampleError, match=r"train.txt:2 \(vid001\): cannot decode .*broken"
+    ):
+        all_eval(c, batch=3)
+    c.on_bad_sample = "skip"
+    assert all_eval(c, batch=3)["valid"].tolist() == [True, False, True]
+    with pytest.raises(data.BadSampleError, match="example 7: cannot decode a frame: broken PNG"):
+        sources._decode_image_bytes(broken, "example 7")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad samples mid-epoch: `raise` by default, or `skip` with a warning and a counter.
 
@@ -508,6 +568,18 @@ def test_tfds_video_feature_read_raw_without_tensorflow(tmp_path):
     assert out["valid"].tolist() == [True, True, True, False, True]
     np.testing.assert_array_equal(frame_ids(out["video"][0, 0]), [1, 4, 7, 10])
     assert "tensorflow" not in sys.modules
+
+
+def test_tfds_video_without_frames_is_a_bad_sample(tmp_path):
+    testing.write_raw_video_tfds(str(tmp_path), "empty_clips", "train", 2, num_frames=0)
+    c = small_config(tmp_path, "tfds", tfds_name="empty_clips", data_dir=str(tmp_path))
+    c.val_split = "train"
+    with pytest.raises(
+        data.BadSampleError, match=r"empty_clips\[train\] example 0: the video has no"
+    ):
+        all_eval(c, batch=2)
+    c.on_bad_sample = "skip"
+    assert all_eval(c, batch=2)["valid"].tolist() == [False, False]
 
 
 def test_tfds_wrong_feature_keys_fail_at_start(tmp_path):

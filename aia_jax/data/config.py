@@ -283,7 +283,7 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
         where = c.classnames
         if not os.path.isfile(where):
             raise DataError(f"config.data.classnames {where}: file not found")
-        with open(where, encoding="utf-8") as f:
+        with open(where, encoding="utf-8-sig") as f:  # a BOM is no part of the first name
             names = [line.strip() for line in f if line.strip()]
     elif c.source == "synthetic":
         from aia_jax.data import synthetic  # noqa: PLC0415

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import struct
 import threading
 from collections.abc import Callable
 
@@ -23,6 +24,19 @@ Pick = Callable[[int], np.ndarray]
 # target and decodes forward from there, which inside one GOP costs more than decoding on.
 SEEK_GAP = 32
 
+# What PIL raises for a damaged image file: besides OSError, its plugins raise SyntaxError
+# ("broken PNG file"), EOFError and struct.error, and a damaged header that claims a huge size
+# raises DecompressionBombError.
+IMAGE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+)
+
 # Video frames decoded in this process (all readers); tests use it to see that seeking skips work.
 decoded_frames = 0
 
@@ -34,15 +48,25 @@ def read_image(path: str) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except FileNotFoundError:
         raise BadSampleError(f"missing frame {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except IMAGE_ERRORS as e:
         raise BadSampleError(f"cannot decode {path}: {e}") from None
 
 
 def gather(indices: np.ndarray, frames: dict[int, np.ndarray], where: str) -> np.ndarray:
-    """Stacks `frames[i]` for every index, in the shape of `indices`."""
-    shapes = {f.shape for f in frames.values()}
-    if len(shapes) != 1:
-        raise BadSampleError(f"{where}: frames of different sizes {sorted(shapes)}")
+    """Stacks `frames[i]` for every index, in the shape of `indices`.
+
+    Frames of another size than the clip's first (lowest-index) frame are resized to its size:
+    the release resizes every frame on its own, so such a clip is readable there too.
+    """
+    del where  # no message left to name the clip in; the callers still pass it
+    first = frames[min(frames)]
+    height, width = first.shape[:2]
+    frames = {
+        i: f
+        if f.shape[:2] == (height, width)
+        else np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR))
+        for i, f in frames.items()
+    }
     flat = [frames[int(i)] for i in indices.reshape(-1)]
     return np.stack(flat).reshape(*indices.shape, *flat[0].shape)
 

@@ -8,6 +8,7 @@ are checked when the source is made; a problem there is a `DataError` naming fil
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import io
@@ -50,7 +51,9 @@ def _read_lines(list_path: str) -> list[tuple[int, str]]:
     if not os.path.isfile(list_path):
         raise DataError(f"{list_path}: list file not found")
     with open(list_path, "rb") as f:
-        raw = f.read().splitlines()
+        text = f.read()
+    # Windows editors start UTF-8 files with a byte-order mark; it is not part of the first path.
+    raw = text.removeprefix(codecs.BOM_UTF8).splitlines()
     lines = []
     for n, data in enumerate(raw, start=1):
         try:
@@ -348,6 +351,8 @@ class TfdsSource:
     def read(self, index: int, pick: decode.Pick) -> tuple[np.ndarray, int]:
         example = self._open()[index]
         video, label = example[self.video_key], int(example[self.label_key])
+        if len(video) == 0:  # every sampling rule would index frame 0
+            raise BadSampleError(f"{self.describe(index)}: the video has no frames")
         if isinstance(video, np.ndarray):
             indices = np.asarray(pick(len(video)))
             return video[indices], label
@@ -366,7 +371,7 @@ def _decode_image_bytes(data: bytes, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as e:
+    except decode.IMAGE_ERRORS as e:
         raise BadSampleError(f"{where}: cannot decode a frame: {e}") from None
 
 
