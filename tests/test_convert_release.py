@@ -5,6 +5,7 @@ Checkpoints are written the way the release's training script writes them: `torc
 state dict of the tests' independent PyTorch model, and read back without torch.
 """
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -264,6 +265,16 @@ def test_damaged_safetensors_is_a_checkpoint_error(tmp_path, cinst_state):
         convert.load_torch_checkpoint(path)
 
 
+def test_safetensors_dtype_numpy_lacks_is_a_checkpoint_error(tmp_path):
+    # safetensors' numpy reader has no float8: it raised a bare AttributeError (a traceback).
+    from safetensors.torch import save_file
+
+    path = tmp_path / "f8.safetensors"
+    save_file({"ok": torch.ones(2), "w": torch.ones(2).to(torch.float8_e4m3fn)}, str(path))
+    with pytest.raises(convert.CheckpointError, match=r"f8.safetensors: tensor 'w' has dtype F8"):
+        convert.load_torch_checkpoint(path)
+
+
 def test_save_torch_wraps_like_the_release(tmp_path, cinst_state):
     path = tmp_path / "out.pth.tar"
     convert.save_torch({k: v.numpy() for k, v in cinst_state.items()}, path, epoch=5)
@@ -274,6 +285,33 @@ def test_save_torch_wraps_like_the_release(tmp_path, cinst_state):
     bare = tmp_path / "bare.pth"
     convert.save_torch({k: v.numpy() for k, v in cinst_state.items()}, bare, wrap=False)
     assert list(torch.load(bare, weights_only=True)) == list(cinst_state)
+
+
+@pytest.mark.parametrize("suffix", [".pth.tar", ".safetensors"])
+def test_save_torch_writes_whole_or_not_at_all(tmp_path, monkeypatch, suffix):
+    # A crash or a full disk mid-write must leave the previous file (or none), never a half
+    # checkpoint or a stray temporary file; the bytes reach the disk before the rename.
+    state = {"module.new_fc.weight": np.ones((3, 4), np.float32)}
+    path = tmp_path / f"ckpt{suffix}"
+    path.write_bytes(b"previous")
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+
+    def no_space(src, dst):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", no_space)
+        with pytest.raises(OSError, match="No space"):
+            convert.save_torch(state, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert path.read_bytes() == b"previous" and synced
+    convert.save_torch(state, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert (
+        convert.load_torch_checkpoint(path)["new_fc.weight"].tobytes()
+        == np.ones(12, "f4").tobytes()
+    )
 
 
 def test_legacy_pth_files_are_read_without_torch(tmp_path, cinst_state, monkeypatch):

@@ -104,6 +104,20 @@ def test_dtypes(tmp_path: Path) -> None:
     assert got["scalar"].shape == () and got["empty"].shape == (0, 4)
 
 
+def test_float8_tensors(tmp_path: Path) -> None:
+    # torch saves float8 tensors as byte storages with _rebuild_tensor_v3; float8_e5m2 once
+    # failed as 'damaged' (numpy cannot parse its array-interface type string '<f1').
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    obj = {"e4m3": x.to(torch.float8_e4m3fn), "e5m2": x.to(torch.float8_e5m2).t()}
+    path = tmp_path / "f8.pth"
+    torch.save(obj, path)
+    got = load(path)
+    for key, dtype in (("e4m3", ml_dtypes.float8_e4m3fn), ("e5m2", ml_dtypes.float8_e5m2)):
+        want = obj[key].contiguous().view(torch.uint8).numpy()
+        assert got[key].dtype == np.dtype(dtype) and got[key].shape == tuple(obj[key].shape)
+        assert got[key].view(np.uint8).tobytes() == want.tobytes(), key
+
+
 def test_shared_storage_and_views(tmp_path: Path) -> None:
     base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
     obj = {
@@ -334,6 +348,20 @@ def test_errors(tmp_path: Path) -> None:
         load(tmp_path)
 
 
+def test_damaged_zip_directory_entry(tmp_path: Path) -> None:
+    # A flipped byte in a directory entry's "version needed to extract" made zipfile raise
+    # NotImplementedError, which escaped as a traceback.
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.ones(3)}, good)
+    data = bytearray(good.read_bytes())
+    entry = data.index(b"PK\x01\x02")
+    data[entry + 6] = 0xFF
+    bad = tmp_path / "bad_version.pth"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"bad_version.pth: damaged zip archive"):
+        load_torch_checkpoint(bad)
+
+
 def test_non_tensor_state_dict_entry(tmp_path: Path) -> None:
     path = tmp_path / "odd.pth"
     torch.save({"state_dict": {"module.w": torch.ones(1), "module.step": 3}}, path)
@@ -373,6 +401,82 @@ def test_numpy_values_in_the_wrapper(tmp_path: Path, legacy: bool) -> None:
     with pytest.raises(CheckpointError, match="refusing numpy dtype 'O8'"):
         load(evil)
     assert not (tmp_path / MARKER_NAME).exists()
+
+
+class _NdarrayCall:
+    """Pickles as a direct call of the class ``numpy.ndarray`` with the given arguments."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (np.ndarray, self.args)
+
+
+@pytest.mark.parametrize(
+    "args",
+    # With raw pointer bytes, ('O', b'\xef\xbe\xad\xde...') crashed the loader (segmentation
+    # fault); these two are the harmless forms of the same call, read before the fix.
+    [((2,), "f8", b"\0" * 16), ((1,), "O")],
+    ids=["float_from_bytes", "object_array"],
+)
+def test_numpy_ndarray_cannot_be_called(tmp_path: Path, args: Any) -> None:
+    path = tmp_path / "ndarray.pth"
+    payload = pickle.dumps({"state_dict": {}, "best_prec1": _NdarrayCall(*args)}, protocol=2)
+    assert b"numpy\nndarray" in payload
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", payload)
+    with pytest.raises(CheckpointError, match=r"ndarray.pth: refusing to call 'numpy.ndarray'"):
+        load(path)
+
+
+class _DtypeWithState:
+    """Pickles as numpy pickles a float64 dtype, with a crafted BUILD state."""
+
+    def __init__(self, state: tuple[Any, ...]) -> None:
+        self.state = state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (np.dtype, ("f8", False, True), self.state)
+
+
+class _ArrayOf:
+    """Pickles as protocol 5's numpy array form, ``_frombuffer(bytes, dtype, shape, order)``."""
+
+    def __init__(self, dtype: Any, shape: tuple[int, ...]) -> None:
+        self.dtype, self.shape = dtype, shape
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from numpy._core.numeric import _frombuffer
+
+        return (_frombuffer, (b"\0" * 8, self.dtype, self.shape, "C"))
+
+
+@pytest.mark.parametrize(
+    "state, shape",
+    [
+        # A subarray of N float32 leaves the item size at 8: with N = 10**8, np.frombuffer of
+        # 8 bytes read 400 MB past them and the loader crashed (segmentation fault).
+        ((3, "<", (np.dtype("f4"), (2,)), None, None, -1, -1, 0), (1, 2)),
+        ((3, "<", None, ("a",), {"a": (np.dtype("f4"), 0)}, 8, 1, 0), (1,)),
+        ((3, "<", None, None, None, -1, -1, 0x3F), (1,)),  # object flags on a float dtype
+    ],
+    ids=["subarray", "fields", "object_flags"],
+)
+def test_pickled_numpy_dtype_state_is_checked(tmp_path: Path, state: Any, shape: Any) -> None:
+    path = tmp_path / "dtype.pth"
+    payload = pickle.dumps({"best_prec1": _ArrayOf(_DtypeWithState(state), shape)}, protocol=2)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", payload)
+    with pytest.raises(CheckpointError, match=r"dtype.pth: refusing numpy dtype state"):
+        load(path)
+    # A plain state, in either byte order, is what numpy writes and still reads.
+    for order in "<>":
+        plain = (3, order, None, None, None, -1, -1, 0)
+        payload = pickle.dumps({"x": _ArrayOf(_DtypeWithState(plain), (1,))}, protocol=2)
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("archive/data.pkl", payload)
+        assert load(path)["x"].dtype == np.dtype(f"{order}f8")
 
 
 # ---------------------------------------------------------------- legacy (pre-1.6) format
@@ -578,6 +682,19 @@ def test_legacy_truncated(tmp_path: Path) -> None:
                 reader(truncated)
             message = str(err.value)
             assert message.startswith(f"{truncated}: ") and "\n" not in message, what
+
+
+def test_legacy_truncated_at_every_byte_of_the_pickles(tmp_path: Path) -> None:
+    # Every cut inside the header, object pickle or key list reads as a truncation: not as a
+    # refused partial global name ('torch.') or a short number from a short read.
+    good = _save_legacy({"w": torch.ones(2), "v": torch.arange(3)}, tmp_path / "good.pth")
+    data = good.read_bytes()
+    _, _, keys_end, _ = _legacy_layout(good)
+    truncated = tmp_path / "cut.pth"
+    for cut in range(1, keys_end):
+        truncated.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=r"ends early \(truncated file\?\)$"):
+            load(truncated)
 
 
 def test_legacy_malicious_pickle_is_refused(tmp_path: Path) -> None:

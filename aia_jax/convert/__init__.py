@@ -12,6 +12,7 @@ installed (reading needs no torch).
 
 from __future__ import annotations
 
+import io
 import numbers
 import os
 from collections import OrderedDict
@@ -29,9 +30,10 @@ from aia_jax.convert.release import (
     strip_prefix,
     to_torch,
 )
-from aia_jax.convert.safetensors_io import is_safetensors, load_safetensors, save_safetensors
+from aia_jax.convert.safetensors_io import is_safetensors, load_safetensors, safetensors_bytes
 from aia_jax.convert.torch_pickle import CheckpointError
 from aia_jax.convert.torch_pickle import load as _load_pickle
+from aia_jax.fileio import write_atomically
 
 __all__ = [
     "CheckpointError",
@@ -102,6 +104,8 @@ def save_torch(
 ) -> None:
     """Writes a state dict as `.safetensors` (always possible) or with `torch.save` (needs torch).
 
+    The file is written whole or not at all (`aia_jax.fileio.write_atomically`).
+
     Args:
       state_dict: key → array, e.g. from `to_torch` (keys with `module.`, as the release saves).
       path: `*.safetensors` for a safetensors file (the wrapper entries go into its string
@@ -120,16 +124,11 @@ def save_torch(
         depth = describe_checkpoint(state_dict)["depth"]
         arch = f"resnet{depth}" if depth else ""
     os.makedirs(os.path.dirname(os.path.abspath(name)), exist_ok=True)
-    tmp = f"{name}.tmp-{os.getpid()}"
     if name.endswith(".safetensors"):
-        save_safetensors(
-            state_dict, tmp, {"epoch": epoch, "arch": arch, "best_prec1": float(best_prec1)}
+        data = safetensors_bytes(
+            state_dict, {"epoch": epoch, "arch": arch, "best_prec1": float(best_prec1)}
         )
-        # safetensors creates its file owner-only; give it the mode torch.save's would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, name)
+        write_atomically(name, data)
         return
     try:
         import torch
@@ -150,8 +149,11 @@ def save_torch(
             "optimizer": None,
             "best_prec1": float(best_prec1),
         }
-    torch.save(obj, tmp)
-    os.replace(tmp, name)
+    # Serialised in memory first so that the file is written whole or not at all (a crash
+    # mid-write must not leave a half checkpoint that a later torch.load half reads).
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomically(name, buffer.getvalue())
 
 
 def _state_dict(path: str | os.PathLike[str], obj: Any) -> dict[str, np.ndarray]:

@@ -19,9 +19,10 @@ Unpickling runs code named by the file, so the unpickler only resolves an allow-
 (the tensor rebuild functions, the storage and dtype names, ``OrderedDict`` and a few builtins
 that protocol 2 needs to spell bytes and sets, and numpy scalars and arrays of bool, integer,
 float and complex dtypes, which `torch.load` with numpy's globals allowed reads too); every other
-global, and a numpy object or structured dtype, is refused with
-:class:`CheckpointError` before anything is called. Tensor views are bounds-checked against
-their storage before ``as_strided`` so that a crafted file cannot read outside its buffers.
+global, and a numpy object or structured dtype (also one a pickled dtype state would make of a
+plain dtype), is refused with :class:`CheckpointError` before anything is called. Tensor views
+are bounds-checked against their storage before the strided view is taken so that a crafted
+file cannot read outside its buffers.
 """
 
 from __future__ import annotations
@@ -196,15 +197,20 @@ def _rebuild_tensor(
     if 0 in size:
         return np.empty(size, dtype=flat.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-    # as_strided does no bounds checking: a crafted size/stride must not read past the buffer.
+    # A crafted size/stride must not read past the buffer; say so before numpy would.
     if last >= flat.size:
         raise _Refused(
             f"tensor of size {size} stride {stride} offset {offset} exceeds its storage "
             f"of {flat.size} elements"
         )
-    base = flat[offset:]
-    view = np.lib.stride_tricks.as_strided(
-        base, shape=size, strides=tuple(s * flat.itemsize for s in stride), writeable=False
+    # Not `as_strided`: it round-trips the dtype through `__array_interface__`, whose type string
+    # numpy cannot parse back for some ml_dtypes (float8_e5m2 is '<f1').
+    view = np.ndarray(
+        size,
+        dtype=flat.dtype,
+        buffer=flat,
+        offset=offset * flat.itemsize,
+        strides=tuple(s * flat.itemsize for s in stride),
     )
     return np.array(view, copy=True, order="C")
 
@@ -288,10 +294,32 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     return np.frombuffer(data, dtype)[0]
 
 
+class _NdarrayName(_Sealed):
+    """What the global ``numpy.ndarray`` resolves to: a name for `_numpy_reconstruct`'s argument.
+
+    Not the class itself: a REDUCE would call it, and ``np.ndarray((1,), 'O', data)`` makes an
+    object array of whatever pointers ``data`` spells (dereferencing them crashes, or worse).
+    """
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> Any:
+        raise _Refused(
+            "refusing to call 'numpy.ndarray' directly: numpy arrays are read only in the form "
+            "numpy pickles them (the pickle may try to build an array from raw pointers)"
+        )
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+_NDARRAY = _NdarrayName()
+
+
 def _numpy_reconstruct(cls: Any, shape: Any, code: Any) -> np.ndarray:
     # An empty array that pickle's BUILD fills (ndarray.__setstate__ with a dtype from
     # `_numpy_dtype`, hence never an object array).
-    if cls is not np.ndarray:
+    if cls is not _NDARRAY:
         raise _Refused("numpy array reconstruction of another class")
     del shape, code
     return np.ndarray((0,), np.uint8)
@@ -330,7 +358,7 @@ for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         _numpy_frombuffer
     )
 _ALLOWED[("numpy", "dtype")] = _Callable(_numpy_dtype)
-_ALLOWED[("numpy", "ndarray")] = np.ndarray
+_ALLOWED[("numpy", "ndarray")] = _NDARRAY
 for _name, _dt in _LEGACY_STORAGES.items():
     _ALLOWED[("torch", _name)] = _StorageType(_name, _dt)
 _ALLOWED[("torch.storage", "UntypedStorage")] = _ALLOWED[("torch", "UntypedStorage")]
@@ -364,13 +392,70 @@ for _key in _ALLOWED:
 _StorageReader = Callable[[str, _StorageType, int, Any], Any]
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+def _check_dtype_state(dtype: np.dtype, state: Any) -> None:
+    """Refuses a BUILD of a numpy dtype other than a plain dtype's (optionally a byte order).
+
+    numpy pickles a dtype as ``numpy.dtype('f8', False, True)`` then BUILD with its state; that
+    state can also give the dtype fields, a subarray or object flags without changing its kind,
+    and numpy then trusts the result: a float dtype given a subarray of 10**8 elements keeps
+    its 8-byte item size, so ``np.frombuffer`` of 8 bytes reads far past them (a crash).
+    """
+    plain = dtype.__reduce__()[2]  # the dtype is still plain: every earlier BUILD was checked
+    if not (
+        isinstance(state, tuple)
+        and len(state) == len(plain)
+        and state[0] == plain[0]
+        and state[1] in ("<", ">", "|", "=")
+        and state[2:] == plain[2:]
+    ):
+        raise _Refused(
+            f"refusing numpy dtype state {state!r:.80} for {dtype}: only the byte order of a "
+            "plain bool, integer, float or complex dtype may be set"
+        )
+
+
+def _load_build(unpickler: pickle._Unpickler) -> None:
+    """The BUILD opcode, with the state of a numpy dtype checked first."""
+    stack = unpickler.stack
+    if len(stack) >= 2 and isinstance(stack[-2], np.dtype):
+        _check_dtype_state(stack[-2], stack[-1])
+    pickle._Unpickler.load_build(unpickler)
+
+
+class _StrictReader:
+    """A binary stream whose short reads raise, as the C unpickler's do.
+
+    The pure-Python unpickler takes what a short read returns: a truncated pickle then fails
+    on a partial global name ("refusing to load global 'torch.'") or a short number.
+    """
+
+    def __init__(self, stream: io.BytesIO) -> None:
+        self._stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        if size > 0 and len(data) < size:
+            raise pickle.UnpicklingError("pickle data was truncated")
+        return data
+
+    def readline(self) -> bytes:
+        line = self._stream.readline()
+        if not line.endswith(b"\n"):
+            raise pickle.UnpicklingError("pickle data was truncated")
+        return line
+
+
+# The pure-Python unpickler, because the C one offers no hook into BUILD (see _load_build); it
+# costs about 0.1 s on a ResNet-101 checkpoint, whose tensor bytes are not in the pickle.
+class _RestrictedUnpickler(pickle._Unpickler):
     """Unpickler that resolves only allow-listed globals and reads storages through a callback.
 
     ``pid_len`` is the length of a storage's persistent id: 5 in the zip format,
     ``('storage', type, key, location, numel)``; 6 in the legacy format, which appends the view
     (None, or ``(view key, offset, numel)``); 0 refuses every persistent id.
     """
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _load_build}
 
     def __init__(
         self,
@@ -381,7 +466,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         allowed: dict[tuple[str, str], Any] = _ALLOWED,
     ) -> None:
         # Python 2 pickles (old legacy files) spell text as byte strings; torch.load decodes UTF-8.
-        super().__init__(file, encoding="utf-8")
+        super().__init__(_StrictReader(file), encoding="utf-8")
         self._read_storage = read_storage
         self._pid_len = pid_len
         self._allowed = allowed
@@ -463,7 +548,8 @@ def load(path: str | os.PathLike[str]) -> Any:
         return _guarded(path, _load_legacy, data)
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError):
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, NotImplementedError):
+        # NotImplementedError: a damaged directory entry claiming a newer zip version.
         raise _not_a_zip(path) from None
     except OSError as e:
         raise _fail(path, f"cannot read ({e})") from None
