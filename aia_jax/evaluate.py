@@ -47,6 +47,7 @@ from aia_jax.errors import (
     UserError,
     add_config_package_to_path,
     load_config_flag,
+    one_line,
     positive_int,
     reported_as_usage_errors,
     unknown_override,
@@ -126,10 +127,12 @@ def describe_protocol(
     num_checkpoints: int = 1,
     unflip_mirrored: bool = True,
     clip_lengths: Sequence[int] | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """The protocol as fields and as one sentence (`description`).
 
     `clip_lengths`: the networks' frames per clip (default the data config's `num_segments`).
+    `dtype`: the networks' compute dtype (bfloat16 scores differ a little from float32 ones).
     """
     from aia_jax import data
 
@@ -150,6 +153,8 @@ def describe_protocol(
         )
     if num_checkpoints > 1:
         text += f", then over {num_checkpoints} checkpoints (ensemble)"
+    if dtype != "float32":
+        text += f"; computed in {dtype}"
     examples = data.describe_split(c, split)
     text += f"; videos: {examples}"
     return {
@@ -167,6 +172,7 @@ def describe_protocol(
         "average": average,
         "unflip_mirrored": bool(unflip_mirrored and mirrored and flip_pairs),
         "num_checkpoints": num_checkpoints,
+        "dtype": dtype,
         "description": text,
     }
 
@@ -386,6 +392,8 @@ def evaluate(
     batch_size = -(-int(batch_size) // processes) * processes
     compute_dtype = jnp.dtype(dtype or config.get("dtype") or "float32")
 
+    if workdir is not None:
+        _prepare_workdir(workdir)  # a path that cannot hold the report fails now, not after
     ckpts = [load_checkpoint(c) if isinstance(c, str) else c for c in checkpoints]
     num_classes = data.num_classes(data_cfg)
     for ck in ckpts:
@@ -400,6 +408,10 @@ def evaluate(
     try:
         class_names = data.class_names(data_cfg)
     except data.DataError as e:
+        if data_cfg.classnames:
+            # A file the user named (missing, or a line count that is not the class count):
+            # refused now, not replaced by numbers in the report after the whole pass.
+            raise
         logging.warning("No class names (%s); using class numbers.", e)
         class_names = [str(i) for i in range(num_classes)]
 
@@ -414,6 +426,7 @@ def evaluate(
         num_checkpoints=len(ckpts),
         unflip_mirrored=unflip_mirrored,
         clip_lengths=list(groups),
+        dtype=compute_dtype.name,
     )
     skipped_before = data.bad_sample_count()
 
@@ -488,6 +501,20 @@ def evaluate(
     if workdir is not None:
         write_results(workdir, results)
     return results
+
+
+def _prepare_workdir(workdir: str) -> None:
+    """Creates the report folder on the main process, or raises a `UserError` naming it."""
+    if jax.process_index() != 0:
+        return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"workdir {workdir}: exists and is not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"workdir {workdir}: cannot create it ({one_line(e)})") from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise UserError(f"workdir {workdir}: not writable")
 
 
 def write_results(workdir: str, results: Mapping[str, Any]) -> dict[str, str]:
@@ -597,10 +624,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args, config = _parse_args(argv)
+    distributed = config.get("distributed") if config is not None else None
     if config is None:
+        # Not the training job's `distributed` block: that names its coordinator and this
+        # host's process id, and joining that group again would wait for processes that are
+        # gone. A multi-host evaluation gets its group from the environment or a --config.
         config = _config_from_workdirs(args.checkpoint)
     # Before anything touches a JAX backend.
-    mesh_lib.initialize_distributed(config.get("distributed"))
+    mesh_lib.initialize_distributed(distributed)
     results = evaluate(
         config,
         args.checkpoint,

@@ -343,7 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from aia_jax import predict
 
     with reported_as_usage_errors(parser.prog):
-        names = predict.read_class_names(args.classnames) if args.classnames else None
+        names = (
+            predict.read_classnames_flag(args.classnames, args.checkpoint)
+            if args.classnames
+            else None
+        )
         platforms = tuple(p for p in args.platforms.split(",") if p) if args.platforms else None
         sidecar = export_checkpoint(
             args.checkpoint,

@@ -91,8 +91,27 @@ def read_class_names(path: str) -> list[str]:
     """One class name per line (blank lines skipped)."""
     if not os.path.isfile(path):
         raise InputNotFoundError(f"{path}: class-names file not found")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors) is no part of a name
         return [line.strip() for line in f if line.strip()]
+
+
+def read_classnames_flag(path: str, checkpoint: str) -> list[str]:
+    """`--classnames FILE`, checked against the class count in the checkpoint's `model.json`.
+
+    Checked here, before the model is loaded or a frame decoded, so that the error names the
+    flag and the file (`checked_class_names` only sees the names).
+    """
+    from aia_jax import modelio
+
+    names = read_class_names(path)
+    num_classes = modelio.read_meta(checkpoint).get("num_classes")
+    # Anything but an int is left to the model's own check (`modelio.check_variables`).
+    if isinstance(num_classes, int) and len(names) != num_classes:
+        raise UserError(
+            f"--classnames {path}: {len(names)} class names (non-blank lines) for a "
+            f"{num_classes}-class model ({checkpoint})"
+        )
+    return names
 
 
 def find_class_names(checkpoint: str, meta: Mapping[str, Any]) -> list[str] | None:
@@ -199,6 +218,18 @@ def frame_indices(num_frames: int, num_segments: int, settings: Mapping[str, Any
     )[0]
 
 
+def clip_span(num_segments: int, settings: Mapping[str, Any]) -> int:
+    """Fewest frames whose validation clip (`frame_indices`) does not wrap around.
+
+    T segment centres need T frames; a dense clip of `clip_len` frames `frame_interval` apart
+    spans `(clip_len - 1) * frame_interval + 1` (fewer frames loop back to the first ones).
+    """
+    if settings["sampling"] != "dense3d":
+        return int(num_segments)
+    clip_len = int(settings["clip_len"] or num_segments)
+    return (clip_len - 1) * int(settings["frame_interval"]) + 1
+
+
 def read_clip(path: str, num_segments: int, settings: Mapping[str, Any]) -> np.ndarray:
     """uint8 `[1, T, S, S, 3]`: the sampled, resized, centre-cropped clip of a video or folder."""
     from aia_jax.data import decode, transforms
@@ -212,6 +243,12 @@ def read_clip(path: str, num_segments: int, settings: Mapping[str, Any]) -> np.n
         clip = decode.gather(indices, frames, path)
     elif os.path.isfile(path):
         clip = decode.read_video(path, pick)
+    elif "://" in path or os.path.exists(path):
+        # A URL or a device (/dev/video0) exists but is no file: "no such file" would mislead.
+        raise UserError(
+            f"{path}: not a video file or frame folder; cameras, devices and URLs are read as "
+            "a stream: add --stream (and --input-format v4l2 for a Linux camera)"
+        )
     else:
         raise InputNotFoundError(f"{path}: no such video file or frame folder")
     return transforms.eval_clips(clip[None], geometry)
@@ -316,9 +353,9 @@ def predict(
     settings = preprocessing_settings(
         checkpoint, resize=resize, crop_size=crop_size, filename_template=filename_template
     )
+    class_names = checked_class_names(checkpoint, meta, model.num_classes, class_names)
     clip = read_clip(video, model.num_segments, settings)
     logits = predict_clip(model, variables, clip)[0]
-    class_names = checked_class_names(checkpoint, meta, model.num_classes, class_names)
     return {
         "video": video,
         "checkpoint": checkpoint,
@@ -331,10 +368,11 @@ def predict(
 
 def format_prediction(result: Mapping[str, Any]) -> str:
     s = result["settings"]
-    lines = [
-        f"{result['video']}: {result['num_segments']} frames (segment centres), "
-        f"centre crop {s['crop_size']}x{s['crop_size']}"
-    ]
+    if s["sampling"] == "dense3d":
+        frames = f"{s['clip_len'] or result['num_segments']} frames {s['frame_interval']} apart"
+    else:
+        frames = f"{result['num_segments']} frames (segment centres)"
+    lines = [f"{result['video']}: {frames}, centre crop {s['crop_size']}x{s['crop_size']}"]
     width = max(len(t["name"]) for t in result["top"])
     for rank, t in enumerate(result["top"], start=1):
         name, prob = f"{t['name']:<{width}}", f"{t['probability']:.4f}"
@@ -439,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stream:
         return _main_stream(parser, args)
     with reported_as_usage_errors(parser.prog):
-        names = read_class_names(args.classnames) if args.classnames else None
+        names = read_classnames_flag(args.classnames, args.checkpoint) if args.classnames else None
         result = predict(
             args.checkpoint,
             args.video,
@@ -462,7 +500,7 @@ def _main_stream(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     if args.filename_template is not None:
         parser.error("--filename-template reads frame folders, not streams")
     with reported_as_usage_errors(parser.prog):
-        names = read_class_names(args.classnames) if args.classnames else None
+        names = read_classnames_flag(args.classnames, args.checkpoint) if args.classnames else None
         results = stream.predict_stream(
             args.checkpoint,
             args.video,

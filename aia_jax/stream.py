@@ -7,9 +7,11 @@
 The networks classify whole clips, so a stream is classified over a sliding window: the last
 `window_seconds` of frames (at the stream's frame rate), sampled as `predict` samples a video
 (`num_segments` segment centres, or the dense clip of a `dense3d` workdir), every `every` new
-frames. Each frame is resized and centre-cropped once, as it arrives, so the window holds only
-`crop_size`² frames. A window is predicted as soon as it is full; a stream that ends earlier is
-predicted once over what it gave.
+frames (a window is never shorter than the clip it samples: a dense clip spans
+`(clip_len - 1) * frame_interval + 1` frames). Each frame is resized and centre-cropped once, as
+it arrives, so the window holds only `crop_size`² frames. A window is predicted as soon as it is
+full; a stream that ends earlier is predicted once over what it gave, and one that ends before
+its first frame is an error.
 
 Live sources (`realtime`) are decoded on a thread of their own and each prediction takes the
 newest window, so a network slower than the camera skips windows instead of falling behind; a
@@ -138,7 +140,9 @@ def predict_stream(
     geometry = predict.eval_geometry(settings)
     container = open_source(source, input_format, options)
     fps = frame_rate(container) or DEFAULT_FPS
-    size = max(int(model.num_segments), round(window_seconds * fps))
+    # A window shorter than the clip would wrap it around (a dense clip of 8 frames 8 apart
+    # spans 57 frames, more than 2 s at 25 fps): such a window is widened to fit the clip.
+    size = max(predict.clip_span(model.num_segments, settings), round(window_seconds * fps))
     every = every or max(1, size // 4)
     live = is_live(source, input_format) if realtime is None else realtime
     window = _Window(size)
@@ -173,7 +177,9 @@ def predict_stream(
                 if due(last):
                     last = window.seen
                     yield prediction()
-            if window.seen and last == 0:
+            if not window.seen:
+                raise UserError(f"{source}: the stream ended before its first video frame")
+            if last == 0:
                 yield prediction()  # a stream shorter than the window
         finally:
             container.close()
@@ -203,6 +209,8 @@ def predict_stream(
                 ready, seen, ended, error = due(last), window.seen, window.ended, window.error
             if error is not None:
                 raise error
+            if ended and not seen:
+                raise UserError(f"{source}: the stream ended before its first video frame")
             if ready or (ended and seen and last == 0):
                 last = seen
                 yield prediction()

@@ -187,6 +187,30 @@ def test_bad_flip_map_is_refused_before_the_pass_over_the_data(setup, monkeypatc
         evaluate.evaluate(cfg, [ck1], batch_size=8)
 
 
+def test_class_names_file_of_another_length_is_refused_before_the_pass(
+    setup, tmp_path, monkeypatch
+):
+    """A `classnames` file the user named, with a line missing or absent, must not turn into
+    class numbers in the per-class report after the whole pass over the data."""
+    _, cfg, ck1, _ = setup
+    good = tmp_path / "good.txt"
+    good.write_text("a\nb\nc\nd\n")
+    r = evaluate.evaluate(data_config(cfg.root, classnames=str(good)), [ck1])
+    assert r["class_names"] == ["a", "b", "c", "d"]
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the data was read before the class names were checked")
+
+    monkeypatch.setattr(evaluate, "_run_group", no_pass)
+    short = tmp_path / "short.txt"
+    short.write_text("a\nb\nc\n")
+    with pytest.raises(data.DataError, match=r"short.txt: 3 class names for 4 classes"):
+        evaluate.evaluate(data_config(cfg.root, classnames=str(short)), [ck1])
+    missing = str(tmp_path / "missing.txt")
+    with pytest.raises(data.DataError, match=r"classnames .*missing.txt: file not found"):
+        evaluate.evaluate(data_config(cfg.root, classnames=missing), [ck1])
+
+
 def test_ensemble_is_the_mean_of_scores(setup, tmp_path):
     _, cfg, ck1, ck2 = setup
     ck3 = make_model_dir(tmp_path / "t2", seed=4, num_segments=2)  # another clip length
@@ -272,6 +296,7 @@ def test_report_files(setup, tmp_path):
         results = json.load(f)
     assert results["metrics"]["top1"] == r["metrics"]["top1"]
     assert results["protocol"]["test_clips"] == "single"
+    assert results["protocol"]["dtype"] == "float32"
     assert results["protocol"]["description"].startswith("val split: 1 clip of 4 frames")
     assert results["checkpoints"][0]["path"] == os.path.abspath(ck1)
     with open(out / "per_class_accuracy.csv") as f:
@@ -286,6 +311,37 @@ def test_report_files(setup, tmp_path):
     np.testing.assert_array_equal(npz["index"], np.arange(NUM_VIDEOS))
     np.testing.assert_array_equal(npz["label"], r["label"])
     np.testing.assert_allclose(npz["scores"], r["scores"])
+
+
+def test_results_name_the_compute_dtype(setup, tmp_path):
+    """A bfloat16 training config evaluates in bfloat16 by default: the results file says so."""
+    _, cfg, ck1, _ = setup
+    out = tmp_path / "report"
+    config = ml_collections.ConfigDict({"data": cfg.to_dict(), "dtype": "bfloat16"})
+    r = evaluate.evaluate(config, [ck1], workdir=str(out))
+    with open(out / "results.json") as f:
+        protocol = json.load(f)["protocol"]
+    assert protocol["dtype"] == r["protocol"]["dtype"] == "bfloat16"
+    assert "; computed in bfloat16; videos: " in protocol["description"]
+
+
+def test_workdir_that_cannot_hold_the_report_is_refused_before_the_pass(
+    setup, tmp_path, monkeypatch
+):
+    """Else the whole pass over the data ends in a FileExistsError traceback."""
+    _, cfg, ck1, _ = setup
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the data was read before the workdir was checked")
+
+    monkeypatch.setattr(evaluate, "_run_group", no_pass)
+    a_file = tmp_path / "results"
+    a_file.write_text("")
+    with pytest.raises(UserError, match=r"workdir .*results: exists and is not a directory"):
+        evaluate.evaluate(cfg, [ck1], workdir=str(a_file))
+    under_a_file = str(a_file / "report")
+    with pytest.raises(UserError, match=r"workdir .*results/report: cannot create it"):
+        evaluate.evaluate(cfg, [ck1], workdir=under_a_file)
 
 
 def test_report_without_matplotlib_writes_the_rest(setup, tmp_path, monkeypatch, caplog):
@@ -385,17 +441,29 @@ def _make_workdir(setup, workdir):
     (workdir / "config.json").write_text(json.dumps({"data": cfg.to_dict()}))
 
 
-def test_training_workdir_uses_its_best_checkpoint(setup, tmp_path, capsys):
+def test_training_workdir_uses_its_best_checkpoint(setup, tmp_path, capsys, monkeypatch):
     _, cfg, ck1, _ = setup
     workdir = tmp_path / "run"
     _make_workdir(setup, workdir)
+    # Written by process 1 of a two-host job: its group is gone once that job ended.
+    recorded = json.loads((workdir / "config.json").read_text())
+    recorded["distributed"] = {
+        "coordinator_address": "10.0.0.1:1234",
+        "num_processes": 2,
+        "process_id": 1,
+    }
+    (workdir / "config.json").write_text(json.dumps(recorded))
 
     r = evaluate.evaluate(cfg, [str(workdir)])
     assert r["checkpoints"][0]["step"] == 1
     np.testing.assert_allclose(r["scores"], evaluate.evaluate(cfg, [ck1])["scores"])
-    # Without --config the CLI reads the workdir's config.json.
+    # Without --config the CLI reads the workdir's config.json, but not its process group
+    # (joining it again would wait for the training job's processes until a timeout).
+    joined = []
+    monkeypatch.setattr(evaluate.mesh_lib, "initialize_distributed", joined.append)
     evaluate.main(["evaluate", "--checkpoint", str(workdir)])
     assert f"top-1 {100 * r['metrics']['top1']:.2f}%" in capsys.readouterr().out
+    assert joined == [None]
 
 
 def test_step_that_does_not_exist_or_of_a_model_directory(setup, tmp_path):

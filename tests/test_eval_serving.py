@@ -228,8 +228,44 @@ def test_export_refuses_class_names_of_another_length(model_dir, tmp_path, capsy
     path = str(tmp_path / "model.jaxexport")
     argv = ["--checkpoint", model_dir, "--output", path, "--classnames", str(names)]
     line = _fails(export.main, argv, capsys)
-    assert line.endswith("error: 3 class names for a 4-class model")
+    assert line.endswith(
+        f"error: --classnames {names}: 3 class names (non-blank lines) for a 4-class model "
+        f"({model_dir})"
+    )
     assert not os.path.exists(path)
+    # The library call, without a file to name.
+    with pytest.raises(export.UserError, match="^3 class names for a 4-class model$"):
+        export.export_checkpoint(model_dir, path, class_names=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_predict_names_the_class_names_file_of_another_length(
+    model_dir, tmp_path, capsys, monkeypatch, stream
+):
+    """Refused before any frame is read, naming the flag and the file."""
+    from aia_jax.data import decode
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("a frame was read before the class names were checked")
+
+    monkeypatch.setattr(decode, "read_video", no_read)
+    video = str(tmp_path / "clip.mp4")
+    testing.write_video(video, num_frames=8, video=3, size=(36, 44))
+    names = tmp_path / "names.txt"
+    names.write_text("a\n\nb\nc\n")  # blank lines are skipped: 3 names
+    argv = ["--checkpoint", model_dir, "--resize", "36,44", "--crop-size", str(S)]
+    argv += ["--classnames", str(names), *(["--stream"] if stream else []), video]
+    line = _fails(predict.main, argv, capsys)
+    assert f"--classnames {names}: 3 class names (non-blank lines) for a 4-class model" in line
+    with pytest.raises(export.UserError, match="^2 class names for a 4-class model$"):
+        predict.predict(model_dir, video, class_names=["a", "b"], resize=(36, 44), crop_size=S)
+
+
+def test_class_names_file_with_a_byte_order_mark(tmp_path):
+    """Windows editors start UTF-8 files with a BOM; it is no part of the first class name."""
+    names = tmp_path / "names.txt"
+    names.write_bytes("\ufeffwaving\nJümping\n".encode())
+    assert predict.read_class_names(str(names)) == ["waving", "Jümping"]
 
 
 def test_predict_rawframes_folder_with_flow_files(model_dir, tmp_path, capsys):
@@ -395,3 +431,86 @@ def test_stream_from_a_live_source_stops_with_its_consumer(model_dir):
     while any(t.name == "aia-stream-reader" for t in threading.enumerate()):
         assert time.monotonic() < deadline, "the reader thread outlived its consumer"
         time.sleep(0.05)
+
+
+def _video_without_frames(path):
+    """A container whose video stream has no packets (only its audio stream has some)."""
+    import av
+
+    with av.open(path, "w") as container:
+        video = container.add_stream("mpeg4", rate=10)
+        video.height, video.width, video.pix_fmt = 36, 44, "yuv420p"
+        audio = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), "s16", "mono")
+        frame.sample_rate = 8000
+        for packet in [*audio.encode(frame), *audio.encode(None)]:
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("realtime", [False, True])
+def test_stream_without_frames_is_one_error(model_dir, tmp_path, capsys, realtime):
+    """Nothing printed and exit status 0 would read as a stream no class fits."""
+    from aia_jax import stream
+
+    video = str(tmp_path / "no_frames.mkv")
+    _video_without_frames(video)
+    results = stream.predict_stream(
+        model_dir, video, realtime=realtime, resize=(36, 44), crop_size=S
+    )
+    with pytest.raises(export.UserError, match="ended before its first video frame"):
+        list(results)
+    argv = ["--checkpoint", model_dir, "--resize", "36,44", "--crop-size", str(S), "--stream"]
+    line = _fails(predict.main, [*argv, video], capsys)
+    assert f"{video}: the stream ended before its first video frame" in line
+
+
+def test_stream_window_holds_the_whole_dense_clip(model_dir, tmp_path):
+    """A dense3d clip of 4 frames 4 apart spans 13 frames: a 0.8 s window at 10 fps (8 frames)
+    would loop it back onto its first frames ([0, 4, 0, 4]); the window is widened instead."""
+    import shutil
+
+    from aia_jax import stream
+    from aia_jax.data import decode, transforms
+
+    workdir = str(tmp_path / "dense")
+    shutil.copytree(model_dir, workdir)
+    config = {"sampling": "dense3d", "frame_interval": 4, "resize": [36, 44], "crop_size": S}
+    with open(os.path.join(workdir, predict.CONFIG_FILE), "w") as f:
+        json.dump({"data": config}, f)
+    video = str(tmp_path / "stream.mp4")
+    testing.write_video(video, num_frames=30, video=5, size=(36, 44), fps=10)
+    frames = decode.read_video(video, np.arange)
+
+    results = list(stream.predict_stream(workdir, video, window_seconds=0.8, every=6))
+    assert [r["frame"] for r in results] == [12, 18, 24] and {r["window"] for r in results} == {13}
+    geometry = transforms.Geometry(resize=(36, 44), crop_size=S, test_crops=1)
+    for r in results:
+        clip = frames[r["frame"] - 12 : r["frame"] + 1 : 4]  # 4 frames 4 apart, in order
+        expected = reference_logits(model_dir, transforms.eval_clips(clip[None], geometry))[0]
+        np.testing.assert_allclose(r["logits"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_predict_on_a_device_or_url_points_to_stream(model_dir, tmp_path, capsys):
+    """/dev/video0 exists and a URL is no path: neither is 'no such video file'."""
+    device = str(tmp_path / "video0")
+    os.mkfifo(device)  # exists, neither a file nor a folder, like a camera's device node
+    argv = ["--checkpoint", model_dir]
+    for source in (device, "rtsp://camera.local/stream"):
+        line = _fails(predict.main, [*argv, source], capsys)
+        assert f"{source}: not a video file or frame folder" in line and "--stream" in line
+    missing = str(tmp_path / "missing.mp4")
+    assert _fails(predict.main, [*argv, missing], capsys).endswith(
+        f"{missing}: no such video file or frame folder"
+    )
+
+
+def test_printed_prediction_names_the_clip_it_sampled():
+    """A dense3d workdir's clip is not segment centres; the printed line says which it was."""
+    top = [{"class": 0, "name": "waving", "probability": 1.0, "logit": 0.0}]
+    settings = {**predict.DEFAULTS, "crop_size": S}
+    result = {"video": "v.mp4", "num_segments": T, "settings": settings, "top": top}
+    assert "v.mp4: 4 frames (segment centres), centre crop 32x32" in predict.format_prediction(
+        result
+    )
+    dense = {**result, "settings": {**settings, "sampling": "dense3d", "frame_interval": 8}}
+    assert "v.mp4: 4 frames 8 apart, centre crop 32x32" in predict.format_prediction(dense)
