@@ -1,5 +1,6 @@
 """Two processes on 127.0.0.1 (`jax.distributed.initialize`, 2 fake CPU devices each) train the
-default recipe (on the plain TSM) for a few steps and agree with one process holding 4 devices."""
+default recipe (on the plain TSM) for a few steps, validate, and agree with one process holding
+4 devices."""
 
 from __future__ import annotations
 
@@ -33,7 +34,11 @@ def tiny_config(data_dir):
     c = t.tiny_config(data_dir)
     c.model.name = "TSM"  # what is tested is the hosts' agreement, not the attention
     c.num_epochs = 0.75  # 3 steps of 16 clips
-    c.eval_every_epochs = 0.0
+    # One validation, at the end: 24 videos in 2 batches of 16, padded unevenly over the
+    # processes (8 rows each): the second batch is process 0's last 8 videos and 8 padding rows
+    # on process 1.
+    c.eval_every_epochs = 0.75
+    c.eval_batch_size = 16
     return c
 
 
@@ -85,10 +90,15 @@ def test_two_processes_agree_with_one(tmp_path):
     norm = sum(float((x**2).sum()) for x in jax.tree.leaves(a))
     assert np.sqrt(diff / norm) < 1e-5
     ma, mb = read_metrics(multi), read_metrics(single)
-    assert [r["step"] for r in ma] == [1, 2, 3]  # written once, by process 0
+    train_a, train_b = ([r for r in m if "train/loss" in r] for m in (ma, mb))
+    assert [r["step"] for r in train_a] == [1, 2, 3]  # written once, by process 0
     np.testing.assert_allclose(
-        [r["train/loss"] for r in ma], [r["train/loss"] for r in mb], rtol=1e-5
+        [r["train/loss"] for r in train_a], [r["train/loss"] for r in train_b], rtol=1e-5
     )
+    val_a, val_b = ([r for r in m if "val/loss" in r] for m in (ma, mb))
+    assert [(r["step"], r["val/count"]) for r in val_a] == [(3, 24)]  # every video, once
+    for key in ("val/loss", "val/top1", "val/top5"):
+        np.testing.assert_allclose(val_a[0][key], val_b[0][key], rtol=1e-5)
     # Each process saved its own data-iterator position.
     names = sorted(os.listdir(os.path.join(multi, "checkpoints", "3", "data_iter")))
     assert [n for n in names if n.endswith(".json")] == [

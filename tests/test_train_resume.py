@@ -155,3 +155,60 @@ def test_unreadable_array_data_is_a_value_error_with_tensorstores_reason(tmp_pat
         assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
     finally:
         ckpts.close()
+
+
+def test_a_checkpoint_past_the_configs_end_is_refused(env, tmp_path):  # noqa: F811
+    """With fewer epochs than the run in the workdir took (here 12 steps, saved 20), the loop
+    would not run and the run would report itself finished at step 20."""
+    workdir = str(tmp_path / "w")
+    _save(workdir, 20)
+    with pytest.raises(UserError) as e:
+        train.run(tiny_config(env["data_dir"]), workdir)
+    assert str(e.value) == (
+        f"{workdir}/checkpoints/20: the run in this workdir is past this config's last step 12 "
+        "(num_epochs 3 × 4 steps per epoch); resume with a larger --config.num_epochs, or use "
+        "a new workdir"
+    )
+
+
+def test_checkpoints_of_another_network_without_model_json_are_named_so(env, tmp_path):  # noqa: F811
+    """Only `checkpoints/` copied (no model.json to compare with): the message blames the
+    network, whose tensors differ, not the optimiser."""
+    workdir = str(tmp_path / "w")
+    _save(workdir, 2)  # params {'w': (256, 256)}: not this config's network
+    with pytest.raises(UserError) as e:
+        train.run(tiny_config(env["data_dir"]), workdir)
+    message = str(e.value)
+    assert message.startswith(
+        f"{workdir}/checkpoints/2: cannot resume it with this config (the network differs "
+        "from the run that wrote it: 1 leaves saved but not in this config's state, e.g. "
+        "params/w; "
+    )
+    assert "opt_state" not in message and "\n" not in message
+
+
+def test_a_changed_num_epochs_is_noted_on_resume(env, tmp_path, monkeypatch):  # noqa: F811
+    """Training on with another length is allowed, but said: a cosine schedule re-spans it."""
+    import importlib
+
+    run_module = importlib.import_module("aia_jax.train.run")
+    notes: list[str] = []
+    monkeypatch.setattr(run_module, "note", notes.append)
+    workdir = str(tmp_path / "w")
+    _save(workdir, 2)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({"batch_size": 16, "num_epochs": 2.0}, f)
+    c = tiny_config(env["data_dir"])
+    c.optimizer.schedule = "cosine"
+    with pytest.raises(UserError, match="network differs"):  # a hand-made state: stops there
+        train.run(c, workdir)
+    assert (
+        "num_epochs 2 → 3 since the run in this workdir started: it now ends at step 12; the "
+        "cosine schedule spans the new length from here on"
+    ) in notes
+    notes.clear()
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({"batch_size": 16, "num_epochs": 3.0}, f)
+    with pytest.raises(UserError, match="network differs"):
+        train.run(c, workdir)
+    assert not [n for n in notes if n.startswith("num_epochs")]

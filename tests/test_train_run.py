@@ -426,9 +426,11 @@ def test_preemption_on_a_validation_step_validates_before_saving(
         assert ckpts.metrics(4) == {"val_top1": pytest.approx(val[4], rel=1e-5)}
     finally:
         ckpts.close()
-    monkeypatch.undo()
+    # A preemption on the last step: the run is finished, not "preempted" (nothing to resume).
+    monkeypatch.setattr(run_module._Preemption, "reached", lambda self, step: step == 12)
     summary = train.run(tiny_config(env["data_dir"]), workdir)
-    assert summary["step"] == 12 and summary["best_step"] == reference[1]["best_step"]
+    assert summary["step"] == 12 and not summary["preempted"]
+    assert summary["best_step"] == reference[1]["best_step"]
     assert_same_run(workdir, reference[0], after_step=3)
 
 
@@ -447,3 +449,16 @@ def test_flax2torch_of_a_workdir_writes_its_epoch_and_top1(reference, tmp_path):
     assert info["epoch"] == best // 4  # 4 steps per epoch
     assert info["best_prec1"] == pytest.approx(100 * val[best])
     assert info["best_prec1"] > 0
+
+
+def test_a_url_workdir_is_refused_not_made_a_local_folder(tmp_path, monkeypatch):
+    """`os.path` turned `gs://bucket/run` into the local folder `./gs:/bucket/run`: the run
+    compiled and trained there, not in the bucket, until Orbax failed at its first save."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as e:
+        train.run(tiny_config(str(tmp_path / "tfds")), "gs://bucket/run")
+    assert str(e.value) == (
+        "workdir gs://bucket/run: a URL; the trainer writes through the local file system, so "
+        "give a local path or the bucket's mount point (e.g. gcsfuse)"
+    )
+    assert os.listdir(tmp_path) == []

@@ -265,3 +265,28 @@ def test_process_group_without_a_coordinator_is_refused(monkeypatch):
     monkeypatch.delenv(mesh_lib.ENV_NUM_PROCESSES)
     mesh_lib.initialize_distributed({"num_processes": 1, "process_id": 0})  # one process
     mesh_lib.initialize_distributed(None)
+
+
+def test_coordinator_without_a_process_count_is_refused(monkeypatch):
+    """A coordinator with no process count (or a process id past it) is said in one line, not
+    ignored (each host would train alone) or left to JAX's traceback."""
+    for name in (mesh_lib.ENV_COORDINATOR, mesh_lib.ENV_NUM_PROCESSES, mesh_lib.ENV_PROCESS_ID):
+        monkeypatch.delenv(name, raising=False)
+    address = "127.0.0.1:1"  # never reached: each config is refused before it is used
+    for cfg in (
+        {"coordinator_address": address, "process_id": 1},
+        {"coordinator_address": address},
+    ):
+        with pytest.raises(UserError, match=r"^distributed.coordinator_address .* no num_proc"):
+            mesh_lib.initialize_distributed(cfg)
+    monkeypatch.setenv(mesh_lib.ENV_COORDINATOR, address)
+    with pytest.raises(UserError, match="no num_processes"):
+        mesh_lib.initialize_distributed({"process_id": 0})
+    with pytest.raises(UserError, match=r"^distributed.process_id 2 .* expected 0 to 1"):
+        mesh_lib.initialize_distributed({"num_processes": 2, "process_id": 2})
+    monkeypatch.setenv(mesh_lib.ENV_PROCESS_ID, "one")
+    with pytest.raises(UserError, match=r"^environment variable JAX_PROCESS_ID='one': expected"):
+        mesh_lib.initialize_distributed({"num_processes": 2})
+    monkeypatch.delenv(mesh_lib.ENV_PROCESS_ID)
+    mesh_lib.initialize_distributed({"num_processes": 1})  # one process: nothing to join
+    assert jax.process_count() == 1

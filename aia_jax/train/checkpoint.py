@@ -296,11 +296,19 @@ class Checkpoints:
                 "workdir"
             )
 
-    def state_differences(self, step: int, abstract_state: TrainState) -> list[str] | None:
+    def state_differences(
+        self, step: int, abstract_state: TrainState, *, only: tuple[str, ...] = ()
+    ) -> list[str] | None:
         """How the state saved at `step` differs from `abstract_state` in leaves and shapes.
 
-        Tells a checkpoint of another optimiser (other leaves) from a damaged one (the same
-        leaves, unreadable data) when a restore fails.
+        Tells a checkpoint of another network or optimiser (other leaves) from a damaged one
+        (the same leaves, unreadable data) when a restore fails.
+
+        Args:
+          step: the checkpoint.
+          abstract_state: the state this run expects.
+          only: compare only these fields of the state (e.g. `("params", "batch_stats")`);
+            default all.
 
         Returns:
           `[]` when the saved leaves and shapes are those of `abstract_state`, else one line
@@ -317,6 +325,10 @@ class Checkpoints:
         if item is None:
             return None
         saved, expected = _leaf_shapes(item.tree), _leaf_shapes(abstract_state.to_dict())
+        if only:
+            keep = lambda key: key.split("/", 1)[0] in only  # noqa: E731
+            saved = {k: v for k, v in saved.items() if keep(k)}
+            expected = {k: v for k, v in expected.items() if keep(k)}
         kinds = {
             "saved but not in this config's state": [k for k in saved if k not in expected],
             "of this config's state not saved": [k for k in expected if k not in saved],

@@ -40,10 +40,10 @@ def initialize_distributed(cfg: Mapping[str, Any] | None = None) -> None:
     """
     cfg = dict(cfg or {})
     address = cfg.get("coordinator_address") or os.environ.get(ENV_COORDINATOR, "")
-    num = int(cfg.get("num_processes") or os.environ.get(ENV_NUM_PROCESSES, 0) or 0)
+    num = int(cfg.get("num_processes") or _env_int(ENV_NUM_PROCESSES, 0))
     pid = cfg.get("process_id", -1)
     if pid is None or pid < 0:
-        pid = int(os.environ.get(ENV_PROCESS_ID, -1))
+        pid = _env_int(ENV_PROCESS_ID, -1)
     if jax.distributed.is_initialized():
         return
     if not address and not cfg.get("auto") and (num > 1 or (pid >= 0 and num != 1)):
@@ -52,10 +52,22 @@ def initialize_distributed(cfg: Mapping[str, Any] | None = None) -> None:
             f"distributed.num_processes {num}, process_id {pid} but no coordinator_address "
             f"(or {ENV_COORDINATOR}): set it to process 0's host:port, or auto=True"
         )
+    if address and not cfg.get("auto") and num < 1:
+        # Else a coordinator without a process count would be ignored: each host alone.
+        raise UserError(
+            f"distributed.coordinator_address {address!r} but no num_processes (or "
+            f"{ENV_NUM_PROCESSES}): set it to the number of processes (1: one host), or "
+            "auto=True"
+        )
     if address and num > 1:
         if pid < 0:
             raise UserError(
                 f"process_id is required with num_processes={num} (or {ENV_PROCESS_ID})"
+            )
+        if pid >= num:
+            raise UserError(
+                f"distributed.process_id {pid} (or {ENV_PROCESS_ID}): expected 0 to {num - 1} "
+                f"with num_processes={num}"
             )
         logging.info("Joining %d processes at %s as process %d.", num, address, pid)
         jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
@@ -69,6 +81,15 @@ def initialize_distributed(cfg: Mapping[str, Any] | None = None) -> None:
                 f"SLURM, Open MPI): {one_line(e)}; set coordinator_address, num_processes and "
                 "process_id instead"
             ) from None
+
+
+def _env_int(name: str, default: int) -> int:
+    """The integer in environment variable `name` (`default` when unset or empty)."""
+    text = os.environ.get(name, "").strip()
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise UserError(f"environment variable {name}={text!r}: expected an integer") from None
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -115,7 +115,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     Args:
       config: see `configs/common.py` for the fields.
       workdir: checkpoints, `metrics.jsonl`, TensorBoard events, `config.json`, `model.json`.
-        A workdir holding checkpoints is resumed from its latest one.
+        A workdir holding checkpoints is resumed from its latest one; with another
+        `num_epochs` the run trains on to the new end (and says so), and one whose latest
+        checkpoint is already past that end is refused. A local path: a URL such as
+        `gs://…` is refused (mount the bucket instead).
 
     Returns:
       A summary: `step` reached, `preempted`, last `val_top1`/`val_top5` (when evaluated),
@@ -138,6 +141,12 @@ def _run(
     from aia_jax import data, models  # after the process group exists
     from aia_jax.data.config import clip_length
 
+    if "://" in workdir:
+        # os.path would make `gs://b/run` the local folder `./gs:/b/run` and train into it.
+        raise UserError(
+            f"workdir {workdir}: a URL; the trainer writes through the local file system, so "
+            "give a local path or the bucket's mount point (e.g. gcsfuse)"
+        )
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"workdir {workdir}: exists and is not a directory")
@@ -270,6 +279,15 @@ def _run(
         note(f"resuming from {ckpts.directory}/{latest}")
         _check_same_model(workdir, meta)
         _check_same_batch(workdir, batch_size)
+        _note_changed_length(workdir, cfg, total_steps)
+        if latest > total_steps:
+            # Else the loop would not run and the run would report itself finished at `latest`.
+            raise UserError(
+                f"{ckpts.directory}/{latest}: the run in this workdir is past this config's "
+                f"last step {total_steps} (num_epochs {cfg.num_epochs:g} × {steps_per_epoch} "
+                f"steps per epoch); resume with a larger --config.num_epochs, or use a new "
+                "workdir"
+            )
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract_state,
@@ -412,7 +430,9 @@ def _run(
             pending.append(metrics)
             step += 1
 
-            preempted = preemption.reached(step)
+            # Called on every step (the processes' sync point); on the last step the run ends
+            # finished anyway, and "resume with the same command" would have nothing to do.
+            preempted = preemption.reached(step) and step < total_steps
             evaluate_now = is_eval_step(step)
             save_now = (
                 preempted
@@ -511,10 +531,14 @@ def _resume_error(
     modelio.quiet_closed_event_loop()
     where = f"{ckpts.directory}/{step}"
     differences = ckpts.state_differences(step, abstract_state)
-    if differences:  # the model was checked against model.json: the optimiser differs
+    if differences:
+        # model.json matched the config (or is missing, e.g. only `checkpoints/` was copied):
+        # name the network when its own tensors differ, else it is the optimiser.
+        network = ckpts.state_differences(step, abstract_state, only=("params", "batch_stats"))
+        what = "network" if network else "optimiser"
         return UserError(
-            f"{where}: cannot resume it with this config (the optimiser differs from the run "
-            f"that wrote it: {'; '.join(differences)}); use a new workdir"
+            f"{where}: cannot resume it with this config (the {what} differs from the run "
+            f"that wrote it: {'; '.join(network or differences)}); use a new workdir"
         )
     earlier = [s for s in ckpts.all_steps() if s < step]
     fallback = (
@@ -548,6 +572,16 @@ def _check_same_model(workdir: str, meta: dict[str, Any]) -> None:
         )
 
 
+def _recorded_config(workdir: str) -> dict[str, Any]:
+    """The workdir's `config.json` (the config of its last start), or {} when unreadable."""
+    try:
+        with open(os.path.join(workdir, CONFIG_FILE)) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):  # missing or unreadable: nothing to compare with
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def _check_same_batch(workdir: str, batch_size: int) -> None:
     """Refuses to resume a run recorded (its `config.json`) with another global batch size.
 
@@ -556,19 +590,31 @@ def _check_same_batch(workdir: str, batch_size: int) -> None:
     same batch; it may change, e.g. to resume on a device with less memory.)
     """
     path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        return
-    try:
-        with open(path) as f:
-            recorded = json.load(f).get("batch_size")
-    except (OSError, ValueError, AttributeError):  # unreadable: nothing to compare with
-        return
+    recorded = _recorded_config(workdir).get("batch_size")
     if recorded is not None and recorded != batch_size:
         raise UserError(
             f"{path}: the run in this workdir has batch_size {recorded}, this config "
             f"{batch_size} (its epochs and learning-rate schedule would no longer match); "
             f"resume with --config.batch_size={recorded}, or use a new workdir"
         )
+
+
+def _note_changed_length(workdir: str, cfg: ml_collections.ConfigDict, total_steps: int) -> None:
+    """Says so when a resumed run's `num_epochs` is not the one `config.json` recorded.
+
+    Training on (more epochs after the end, or fewer before it) is allowed; the step schedule's
+    decay epochs stay where they were, but a cosine schedule spans the new length, so its
+    learning rate changes from the step resumed on.
+    """
+    recorded = _recorded_config(workdir).get("num_epochs")
+    if not _is_number(recorded) or recorded == cfg.num_epochs:
+        return
+    cosine = cfg.optimizer.get("schedule", "step") == "cosine"
+    note(
+        f"num_epochs {recorded:g} → {cfg.num_epochs:g} since the run in this workdir started: "
+        f"it now ends at step {total_steps}"
+        + ("; the cosine schedule spans the new length from here on" if cosine else "")
+    )
 
 
 def _init_from(
