@@ -6,7 +6,8 @@ installed jaxlib was measured with, and never overrides a flag the user set. It 
 allocator keep the memory XLA:CPU frees (`retain_host_memory`). `train.py`, the evaluate and
 predict commands and the benchmarks call it; set `AIA_JAX_XLA_CPU_FLAGS=0` to run with XLA's
 and glibc's defaults, or `AIA_JAX_RETAIN_HOST_MEMORY=0` to keep glibc's alone. Code that imports
-the modules into its own program makes these settings itself (README, "Speed").
+the modules into its own program makes these settings itself (README, "What makes this fast on
+XLA:CPU").
 """
 
 from __future__ import annotations
