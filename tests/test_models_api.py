@@ -231,3 +231,24 @@ def test_create_rejects_a_clip_length_below_one():
     for n in (0, -2):
         with pytest.raises(ValueError, match=f"num_segments must be a positive integer, got {n}"):
             models.create("TSM", num_classes=3, num_segments=n)
+
+
+@pytest.mark.parametrize("impl", models.IMPLS)
+def test_a_training_step_on_an_empty_batch_keeps_the_running_statistics(impl):
+    # The batch statistics of no values are NaN (0 / 0): every running mean and variance, the
+    # backbone's and the gates', became NaN after one such step. PyTorch leaves them unchanged.
+    net = models.create(
+        "TSM_CinST", num_classes=3, num_segments=2, depth=14, width=8, attention_impl=impl
+    )
+    variables = jax.jit(lambda k: net.init(k, jnp.zeros((1, 2, 32, 32, 3)), train=False))(KEY)
+    step = jax.jit(
+        lambda v, x: net.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": KEY})
+    )
+    logits, updates = step(variables, jnp.zeros((0, 2, 32, 32, 3)))
+    assert logits.shape == (0, 3)
+    for got, want in zip(
+        jax.tree.leaves(updates["batch_stats"]),
+        jax.tree.leaves(variables["batch_stats"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)

@@ -203,8 +203,12 @@ def update_running_stats(
 
     `mean` and `var` are the batch's (biased variance) over `n` values per channel; the running
     variance moves by the unbiased one, var · n / (n − 1). One value (n = 1) has no unbiased
-    variance (PyTorch refuses to train on it): the biased one (0) is used.
+    variance (PyTorch refuses to train on it): the biased one (0) is used. An empty batch
+    (n = 0) leaves them unchanged, as in PyTorch: its statistics are NaN (0 / 0), which would
+    otherwise poison every BatchNorm of the network for good.
     """
+    if n == 0:
+        return
     unbiased = var * (n / (n - 1)) if n > 1 else var
     ra_mean.value = momentum * ra_mean.value + (1 - momentum) * mean
     ra_var.value = momentum * ra_var.value + (1 - momentum) * unbiased
