@@ -290,3 +290,43 @@ def test_coordinator_without_a_process_count_is_refused(monkeypatch):
     monkeypatch.delenv(mesh_lib.ENV_PROCESS_ID)
     mesh_lib.initialize_distributed({"num_processes": 1})  # one process: nothing to join
     assert jax.process_count() == 1
+
+
+def test_attention_gradients_are_the_unfused_programs():
+    """On CPU the training step's XLA options give the attention the gradient of the same
+    program compiled without fusion: jaxlib 0.10.2's algebraic simplifier made XLA:CPU
+    miscompile the gradient through the gates' max pools of a batch-normalised map (off by 7 %
+    here, 0.5-15 % of whole networks' gradients; see `step.CPU_TRAIN_COMPILER_OPTIONS`)."""
+    with jax.enable_x64(True):  # float64: a miscompiled gradient is not float32 rounding
+        _check_unit_gradient_against_unfused()
+
+
+def _check_unit_gradient_against_unfused():
+    unit = models.AttentionUnit("CinST", dtype=jnp.float64, param_dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 7, 8, 64), jnp.float64)
+    weights = jax.random.normal(jax.random.key(3), x.shape, jnp.float64)
+    variables = unit.init(jax.random.key(0), x, train=False)
+
+    def loss(params, x):
+        normed = (x - x.mean((0, 1, 2, 3))) * jax.lax.rsqrt(x.var((0, 1, 2, 3)) + 1e-5)
+        v = {"params": params, "batch_stats": variables["batch_stats"]}
+        y, _ = unit.apply(v, normed, train=True, mutable=["batch_stats"])
+        return jnp.sum(y * weights)
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables["params"], x)
+    options = step_lib.train_compiler_options(mesh_lib.make_mesh(jax.devices()[:1]))
+    got = jax.tree.leaves(lowered.compile(options)(variables["params"], x))
+    want = jax.tree.leaves(
+        lowered.compile({"xla_disable_hlo_passes": "fusion"})(variables["params"], x)
+    )
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9 * np.abs(w).max())
+
+
+def test_the_train_step_is_compiled_with_those_options(monkeypatch):
+    calls = []
+    monkeypatch.setattr(step_lib.jax, "jit", lambda fn, **kw: calls.append(kw) or fn)
+    mesh = mesh_lib.make_mesh(jax.devices()[:1])
+    step_lib.jit_train_step(lambda s, b: (s, {}), mesh, None)
+    assert calls[0]["compiler_options"] == step_lib.train_compiler_options(mesh)
+    assert calls[0]["compiler_options"] == step_lib.CPU_TRAIN_COMPILER_OPTIONS
