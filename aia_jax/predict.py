@@ -240,7 +240,7 @@ def read_clip(path: str, num_segments: int, settings: Mapping[str, Any]) -> np.n
         files = list_frames(path, settings.get("filename_template", ""))
         indices = pick(len(files))
         frames = {int(i): decode.read_image(files[int(i)]) for i in np.unique(indices)}
-        clip = decode.gather(indices, frames, path)
+        clip = decode.gather(indices, frames)
     elif os.path.isfile(path):
         clip = decode.read_video(path, pick)
     elif "://" in path or os.path.exists(path):

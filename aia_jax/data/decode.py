@@ -52,13 +52,12 @@ def read_image(path: str) -> np.ndarray:
         raise BadSampleError(f"cannot decode {path}: {e}") from None
 
 
-def gather(indices: np.ndarray, frames: dict[int, np.ndarray], where: str) -> np.ndarray:
+def gather(indices: np.ndarray, frames: dict[int, np.ndarray]) -> np.ndarray:
     """Stacks `frames[i]` for every index, in the shape of `indices`.
 
     Frames of another size than the clip's first (lowest-index) frame are resized to its size:
     the release resizes every frame on its own, so such a clip is readable there too.
     """
-    del where  # no message left to name the clip in; the callers still pass it
     first = frames[min(frames)]
     height, width = first.shape[:2]
     frames = {
@@ -80,7 +79,7 @@ def read_frame_folder(
         int(i): read_image(os.path.join(folder, template.format(int(i) + first_frame)))
         for i in np.unique(indices)
     }
-    return gather(indices, frames, folder)
+    return gather(indices, frames)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +133,7 @@ def read_video(path: str, pick: Pick) -> np.ndarray:
         raise BadSampleError(
             f"{path}: frame {missing[0]} of {len(times)} did not decode (a damaged stream)"
         )
-    return gather(indices, frames, path)
+    return gather(indices, frames)
 
 
 class _FrameTimesCache:

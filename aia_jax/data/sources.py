@@ -362,7 +362,7 @@ class TfdsSource:
             int(i): _decode_image_bytes(video[int(i)], self.describe(index))
             for i in np.unique(indices)
         }
-        return decode.gather(indices, frames, self.describe(index)), label
+        return decode.gather(indices, frames), label
 
 
 def _decode_image_bytes(data: bytes, where: str) -> np.ndarray:
