@@ -39,8 +39,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from aia_jax import models  # noqa: E402
-from aia_jax.train import mesh as mesh_lib  # noqa: E402
-from aia_jax.train import step as step_lib  # noqa: E402
 
 NUM_CLASSES = 174
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -396,15 +394,12 @@ def compiled_runner(
         )
         return (lambda: compiled(variables, clips).block_until_ready()), compiled, secs
     box = [train_state(variables)]
-    # The trainer's options first (on CPU they mend a miscompiled attention gradient,
-    # `aia_jax.train.step.CPU_TRAIN_COMPILER_OPTIONS`): the table times the step it runs.
-    trainer = step_lib.train_compiler_options(mesh_lib.make_mesh(jax.devices()[:1])) or {}
     compiled, secs = compile_timed(
         train_step_fn(model),
         box[0],
         clips,
         labels,
-        compiler_options={**trainer, **(compiler_options or {})} or None,
+        compiler_options=compiler_options,
         donate_argnums=(0,),
     )
 

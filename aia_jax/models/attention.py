@@ -71,12 +71,16 @@ UNIT_GATES = {"C": ("C",), "ST": ("T", "H", "W"), "CinST": ("C", "T", "H", "W")}
 UNIT_GATES["STinC"] = UNIT_GATES["CinST"]
 
 
-def pool_max_mean(x: jax.Array, axis: int) -> jax.Array:
+def pool_max_mean(x: jax.Array, axis: int, anchor: jax.Array | None = None) -> jax.Array:
     """Max and mean of `x` over `axis`, stacked as a trailing 2-channel axis, max first.
 
     Both in `fused.compute_dtype`: the mean is accumulated in float32 at least, so that bf16
     maps with thousands of channels pool exactly, and a float64 map pools in float64.
+    `anchor`: as `fused.pool`'s.
     """
+    # jnp.max's gradient compares the map with its maximum; written once, the map cannot be
+    # recomputed differently for the two (see `fused.pool`'s forward pass).
+    x = fused.materialize(x, x if anchor is None else anchor)
     acc = fused.compute_dtype(x.dtype)
     mx = jnp.max(x, axis=axis).astype(acc)
     mean = jnp.mean(x, axis=axis, dtype=acc)
@@ -189,7 +193,7 @@ def _apply_gate(
 ) -> jax.Array:
     """`sigmoid(BN(conv(pool(x))))`, shaped to broadcast onto `x` ([b, t, h, w, c])."""
     axis = GATE_POOL_AXIS[gate]
-    logits = bn(conv(pool_max_mean(x, axis)))
+    logits = bn(conv(pool_max_mean(x, axis, conv.kernel)))
     g = jax.nn.sigmoid(logits.astype(fused.compute_dtype(logits.dtype)))
     return jnp.expand_dims(g[..., 0], axis).astype(x_dtype)
 
@@ -258,7 +262,10 @@ class AttentionUnit(nn.Module):
         def gate_values(inp: jax.Array, names: str) -> tuple[jax.Array, ...]:
             axes = tuple(GATE_POOL_AXIS[n] for n in names)
             out = []
-            for n, (mx, mean) in zip(names, fused.pool(inp, axes), strict=True):
+            # A gate's kernel anchors the pool's copy of the map: replicated, so that a
+            # sharded batch needs no collective for it (`fused.pool`).
+            pooled = fused.pool(inp, axes, gates[names[0]][0].kernel)
+            for n, (mx, mean) in zip(names, pooled, strict=True):
                 conv, bn = gates[n]
                 logits = bn(conv.taps(mx, mean).astype(self.dtype)[..., None])[..., 0]
                 out.append(jax.nn.sigmoid(logits.astype(fused.compute_dtype(logits.dtype))))

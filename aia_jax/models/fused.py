@@ -15,9 +15,10 @@ kernel costs microseconds to launch whatever its size, so fewer kernels is faste
 
 - `pool(x, axes)`: max and mean of `x` over each of `axes` (one call for all axes a unit
   pools over), a map axis's pair from one variadic reduction, which reads the map once and
-  takes its producer fused in; gradient `mask·dmax/ties + dmean/n`, the same
+  in inference takes its producer fused in; gradient `mask·dmax/ties + dmean/n`, the same
   subgradient as `jnp.max` (ties share the gradient equally), with the ties counted in the
-  forward pass's reduction.
+  forward pass's reduction, and the map written to memory once so that both passes see the
+  same values.
 - `gate_conv(p_max, p_mean, kernel)`: the gate's convolution as 27 shifted multiply-adds of
   the small pooled map; input gradient by the flipped taps, kernel gradient as one variadic
   reduction (54 sums in one loop).
@@ -206,12 +207,17 @@ def _expand(v: jax.Array, axis: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def pool(x: jax.Array, axes: Sequence[int]) -> tuple[tuple[jax.Array, jax.Array], ...]:
+def pool(
+    x: jax.Array, axes: Sequence[int], anchor: jax.Array | None = None
+) -> tuple[tuple[jax.Array, jax.Array], ...]:
     """Max and mean of `x` over each axis in `axes`, both in `compute_dtype`.
 
     Args:
       x: the feature map (any float dtype).
       axes: the axes to pool over, one (max, mean) pair per axis.
+      anchor: any small traced array, replicated when `x` is sharded (a gate's kernel), for
+        `materialize` under differentiation; None takes an element of `x`, which over a
+        sharded batch costs a one-element all-reduce. Its gradient is zero.
 
     Returns:
       `((max_0, mean_0), (max_1, mean_1), …)`, each with that axis removed.
@@ -227,15 +233,21 @@ def _pool_values(x, axes):
     return tuple(out)
 
 
-def _pool_fwd(x, axes):
+def _pool_fwd(x, axes, anchor):
+    # The backward pass finds the maxima again by comparing the map with them, so it must read
+    # the very values the forward pass reduced. Left to itself XLA:CPU fuses the map's producer
+    # (a batch norm, `x · gate`) into both passes, and the two copies can round differently: a
+    # maximum is then not found and its gradient is lost (jaxlib 0.10.2 lost 0.5-15 % of whole
+    # networks' gradients so; bench/RESULTS.md section 3). Written to memory once, it cannot.
+    x = materialize(x, x if anchor is None else anchor)
     # Under differentiation each axis is one pass that also counts the ties for the gradient.
     stats = [_max_count_sum(x, a) for a in axes]
     out = tuple((m.astype(s.dtype), s / x.shape[a]) for a, (m, _, s) in zip(axes, stats))
-    return out, (x, tuple((m, ties) for m, ties, _ in stats))
+    return out, (x, tuple((m, ties) for m, ties, _ in stats), anchor)
 
 
 def _pool_bwd(axes, res, cts):
-    x, stats = res
+    x, stats, anchor = res
     stored = _as_stored(x)
     dx = None
     for a, (m, ties), (dmax, dmean) in zip(axes, stats, cts, strict=True):
@@ -247,7 +259,7 @@ def _pool_bwd(axes, res, cts):
         mean_scale = dmean / (ties * 0 + x.shape[a])
         term = jnp.where(hit, _expand(dmax / ties, a), 0.0) + _expand(mean_scale, a)
         dx = term if dx is None else dx + term
-    return (dx.astype(x.dtype),)
+    return dx.astype(x.dtype), jax.tree.map(jnp.zeros_like, anchor)
 
 
 pool.defvjp(_pool_fwd, _pool_bwd)
@@ -311,18 +323,23 @@ def _taps(padded: Sequence[jax.Array], weights: jax.Array) -> jax.Array:
     )
 
 
-def _materialize(x: jax.Array, anchor: jax.Array) -> jax.Array:
+def materialize(x: jax.Array, anchor: jax.Array) -> jax.Array:
     """`x`, computed once into memory instead of being fused into (and recomputed by) its users.
 
     XLA:CPU fuses an elementwise producer into every elementwise user, whatever it costs: the
     54 multiply-adds of a gate convolution would be redone by the batch norm, its statistics
-    and its gradient (`lax.optimization_barrier` does not survive its pipeline). Read back
+    and its gradient (`lax.optimization_barrier` does not survive its pipeline), and the copies
+    need not round alike, which breaks users that compare values across them. Read back
     through a dynamic slice whose start XLA cannot constant-fold (`anchor` is any traced array;
     the start is clamped to 0), `x` is written once.
     """
     stacked = jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2))
     start = jnp.minimum(anchor.reshape(-1)[0].astype(jnp.int32), 0)
-    return jax.lax.dynamic_slice_in_dim(stacked, start, x.shape[1], axis=1)
+    # A negative start must clamp to 0, not count from the end (which shifted the map by one
+    # wherever the anchor's first element was -1 or less).
+    return jax.lax.dynamic_slice_in_dim(
+        stacked, start, x.shape[1], axis=1, allow_negative_indices=False
+    )
 
 
 def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
@@ -404,7 +421,7 @@ def _gate_conv_fwd(p_max, p_mean, kernel):
     # be fused into its loop as a bounds check on each of the 27 reads of every element.
     padded = (_padded(p_max, 1), _padded(p_mean, 1))
     out = _taps(padded, kernel.reshape(27, 2).astype(p_max.dtype))
-    return _materialize(out, kernel), (padded, kernel)
+    return materialize(out, kernel), (padded, kernel)
 
 
 def _gate_conv_bwd(res, dout):

@@ -170,22 +170,6 @@ def make_eval_step(
     return step
 
 
-# XLA:CPU (jaxlib 0.10.2) miscompiles the gradient through the attention's max pools after
-# its algebraic simplifier: on a TSM_CinST_BN training step the parameter gradients differ from
-# the same program compiled without fusion (or without that pass) by 0.5 % (the quick start's
-# network) to 15 % (ResNet-50, 8 x 224^2), in float64 too, and finite differences side with the
-# unfused program. Without the pass the gradients are the unfused program's; the step costs
-# ~13 % more (ResNet-50, bench/RESULTS.md section 3, 2026-12-06, session 34).
-CPU_TRAIN_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "algsimp"}
-
-
-def train_compiler_options(mesh: Mesh) -> dict[str, str] | None:
-    """XLA options the training step is compiled with on `mesh` (see CPU_TRAIN_COMPILER_OPTIONS)."""
-    if all(d.platform == "cpu" for d in mesh.devices.flat):
-        return dict(CPU_TRAIN_COMPILER_OPTIONS)
-    return None
-
-
 def jit_train_step(step_fn, mesh: Mesh, state_sharding: PyTree):
     """Compiles `step_fn` once for `mesh`: state replicated and donated, batch along `data`."""
     repl = mesh_lib.replicated(mesh)
@@ -194,7 +178,6 @@ def jit_train_step(step_fn, mesh: Mesh, state_sharding: PyTree):
         in_shardings=(state_sharding, mesh_lib.batch_sharded(mesh)),
         out_shardings=(state_sharding, repl),
         donate_argnums=(0,),
-        compiler_options=train_compiler_options(mesh),
     )
 
 
