@@ -259,6 +259,34 @@ def load_exported(path: str) -> LoadedExport:
 # From a model directory.
 
 
+def _checked_crop_size(
+    checkpoint: str, settings: Mapping[str, Any], crop_size: int, *, given: bool
+) -> int:
+    """`crop_size`, unless the sidecar's resize makes frames too small for its centre crop.
+
+    Same rule as `aia_jax.predict.eval_geometry`: the crop fits in the resized frame's short
+    side. Checked before the export, since such an artefact could never be fed its own clips.
+    """
+    short_side, resize = int(settings["resize_short_side"]), tuple(settings["resize"])
+    limit = short_side or min(resize)
+    if crop_size > limit:
+        how = (
+            f"short side resized to {short_side}"
+            if short_side
+            else f"frames resized to {resize[0]},{resize[1]}"
+        )
+        what = (
+            f"--crop-size {crop_size}"
+            if given
+            else f"crop size {crop_size} (the workdir config's data.crop_size)"
+        )
+        raise UserError(
+            f"{what} is larger than {checkpoint}'s preprocessing resize ({how}): clips cut "
+            f"from its frames can never be that size; give a --crop-size of at most {limit}"
+        )
+    return crop_size
+
+
 def export_checkpoint(
     checkpoint: str,
     output: str,
@@ -280,9 +308,18 @@ def export_checkpoint(
     """
     from aia_jax import modelio, predict
 
-    variables, meta = modelio.load_model(checkpoint)
+    # `crop_size or default` would turn a 0 into the default without a word.
+    if crop_size is not None and (isinstance(crop_size, bool) or crop_size < 1):
+        raise UserError(f"crop_size {crop_size!r}: expected a positive integer")
+    modelio.read_meta(checkpoint)  # a missing checkpoint is named before the crop is checked
     settings = predict.preprocessing_settings(checkpoint)
-    crop_size = int(crop_size or settings["crop_size"])
+    crop_size = _checked_crop_size(
+        checkpoint,
+        settings,
+        int(settings["crop_size"] if crop_size is None else crop_size),
+        given=crop_size is not None,
+    )
+    variables, meta = modelio.load_model(checkpoint)
     compute_dtype = jnp.dtype(dtype)
     model = modelio.create_model(meta, dtype=compute_dtype)
     class_names = predict.checked_class_names(checkpoint, meta, model.num_classes, class_names)

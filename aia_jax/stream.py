@@ -133,6 +133,7 @@ def predict_stream(
         raise UserError(f"window_seconds {window_seconds}: expected a positive number")
     if every is not None and every < 1:
         raise UserError(f"every {every}: expected a positive number of frames")
+    top = predict.check_top(top)
     variables, meta = modelio.load_model(checkpoint)
     model = modelio.create_model(meta)
     class_names = predict.checked_class_names(checkpoint, meta, model.num_classes, class_names)

@@ -281,8 +281,8 @@ def test_damaged_png_frames_are_bad_samples(tmp_path):
         all_eval(c, batch=3)
     c.on_bad_sample = "skip"
     assert all_eval(c, batch=3)["valid"].tolist() == [True, False, True]
-    with pytest.raises(data.BadSampleError, match="example 7: cannot decode a frame: broken PNG"):
-        sources._decode_image_bytes(broken, "example 7")
+    with pytest.raises(data.BadSampleError, match="^cannot decode frame 7: broken PNG"):
+        sources._decode_image_bytes(broken, 7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,8 +561,10 @@ def test_tfds_video_feature_read_raw_without_tensorflow(tmp_path):
     c = small_config(tmp_path, "tfds", tfds_name="raw_clips", data_dir=str(tmp_path), num_classes=0)
     c.val_split = "train"
     assert data.num_classes(c) == 4
-    with pytest.raises(data.BadSampleError, match=r"raw_clips\[train\] example 3: cannot decode"):
+    with pytest.raises(data.BadSampleError) as e:
         all_eval(c, batch=5)
+    # Named once, with the frame: the pipeline puts the example in front of the source's message.
+    assert str(e.value).startswith("tfds raw_clips[train] example 3: cannot decode frame 1: ")
     c.on_bad_sample = "skip"
     out = all_eval(c, batch=5)
     assert out["valid"].tolist() == [True, True, True, False, True]
@@ -601,3 +603,87 @@ def test_tfds_wrong_feature_keys_fail_at_start(tmp_path):
     os.remove(tmp_path / "raw_clips" / "1.0.0" / "features.json")
     raw = sources.RawArrayRecordExamples("raw_clips", "train", str(tmp_path))
     assert sorted(raw.feature_keys()) == ["label", "video"]
+
+
+def _write_tensor_tfds(data_dir, dataset, channels, num_videos=2, num_frames=8, size=(8, 8)):
+    """A TFDS dataset `dataset` whose `video` is a uint8 `[N, H, W, channels]` tensor; frame `f`
+    of video `i` is `testing.frame_pixels` (red = frame), channel 3 (alpha) 200, any others 60."""
+    import tensorflow_datasets as tfds
+
+    from aia_jax.data import synthetic
+
+    def frame(i, f):
+        rgb = testing.frame_pixels(i, f, size)
+        extra = np.full((*size, max(channels - 3, 0)), 60, np.uint8)
+        extra[..., :1] = 200
+        return np.concatenate([rgb, extra], -1) if channels > 3 else rgb[..., :channels]
+
+    with tfds.core.registered.skip_registration():
+
+        class Builder(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
+            code_path = None
+            name = dataset  # TFDS would take a `Builder`'s name from a package the tests lack
+
+            def _info(self):
+                return synthetic.local_dataset_info(
+                    builder=self,
+                    features=tfds.features.FeaturesDict(
+                        {
+                            "video": tfds.features.Tensor(
+                                shape=(num_frames, *size, channels), dtype=np.uint8
+                            ),
+                            "label": tfds.features.ClassLabel(num_classes=4),
+                        }
+                    ),
+                )
+
+            def _split_generators(self, dl_manager):
+                return {"train": self._generate_examples()}
+
+            def _generate_examples(self):
+                for i in range(num_videos):
+                    video = np.stack([frame(i, f) for f in range(num_frames)])
+                    yield i, {"video": video, "label": i % 4}
+
+        tfds.disable_progress_bar()
+        Builder(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_tfds_grey_and_rgba_tensor_videos_read_as_rgb(tmp_path, channels):
+    from PIL import Image
+
+    _write_tensor_tfds(str(tmp_path), "clips", channels)
+    source = sources.TfdsSource("clips", "train", str(tmp_path))
+    raw = source._open()[1]["video"]
+    frames, label = source.read(1, lambda n: np.array([[2, 0, 2]]))
+    # What the release's PIL `convert('RGB')` makes of each frame: grey copied, alpha dropped.
+    expected = [
+        np.asarray(Image.fromarray(raw[i][..., 0] if channels == 1 else raw[i]).convert("RGB"))
+        for i in (2, 0, 2)
+    ]
+    assert frames.dtype == np.uint8 and label == 1
+    np.testing.assert_array_equal(frames, np.stack(expected)[None])
+    # End to end, through resizing and cropping.
+    c = small_config(tmp_path, "tfds", tfds_name="clips", data_dir=str(tmp_path))
+    c.val_split = "train"
+    assert one_train_batch(c, batch=2)["video"].shape == (2, 4, 16, 16, 3)
+    out = all_eval(c, batch=2)
+    assert out["video"].shape == (2, 1, 4, 16, 16, 3) and out["valid"].all()
+    np.testing.assert_array_equal(frame_ids(out["video"][1, 0]), [1, 3, 5, 7])  # centres
+
+
+def test_tfds_tensor_video_with_other_channels_is_a_bad_sample(tmp_path):
+    _write_tensor_tfds(str(tmp_path), "two_channels", 2)
+    c = small_config(tmp_path, "tfds", tfds_name="two_channels", data_dir=str(tmp_path))
+    c.val_split = "train"
+    with pytest.raises(data.BadSampleError) as e:
+        all_eval(c, batch=2)
+    assert str(e.value) == (
+        "tfds two_channels[train] example 0: feature 'video' has shape [8, 8, 8, 2] (uint8), "
+        "expected [frames, height, width, channels] with 1 (grayscale), 3 (RGB) or 4 (RGBA) "
+        "channels"
+    )
+    c.on_bad_sample = "skip"
+    assert all_eval(c, batch=2)["valid"].tolist() == [False, False]

@@ -317,6 +317,64 @@ def test_resize_flag_wins_over_a_workdir_short_side_rule(model_dir, tmp_path):
     assert predict.eval_geometry(asked).target_shape(36, 44) == (36, 44)
 
 
+def _no_model_load(monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the arguments were checked")
+
+    monkeypatch.setattr(modelio, "load_model", no_load)
+
+
+def test_export_refuses_a_crop_larger_than_its_resize(model_dir, tmp_path, capsys, monkeypatch):
+    """Clips of the sidecar's preprocessing could never feed such an artefact; refused before
+    the checkpoint is loaded."""
+    import shutil
+
+    _no_model_load(monkeypatch)
+    path = str(tmp_path / "model.jaxexport")
+    argv = ["--checkpoint", model_dir, "--output", path, "--crop-size", "256"]
+    line = _fails(export.main, argv, capsys)
+    assert line.endswith(
+        f"error: --crop-size 256 is larger than {model_dir}'s preprocessing resize (frames "
+        "resized to 240,320): clips cut from its frames can never be that size; give a "
+        "--crop-size of at most 240"
+    )
+    assert not os.path.exists(path)
+    # A workdir's short-side rule bounds the crop by that side; its own crop size is checked too.
+    workdir = str(tmp_path / "run")
+    shutil.copytree(model_dir, workdir)
+    config = os.path.join(workdir, predict.CONFIG_FILE)
+    with open(config, "w") as f:
+        json.dump({"data": {"resize_short_side": 40, "crop_size": S}}, f)
+    with pytest.raises(
+        export.UserError, match=r"^--crop-size 41 is .*\(short side resized to 40\)"
+    ):
+        export.export_checkpoint(workdir, path, crop_size=41)
+    with open(config, "w") as f:
+        json.dump({"data": {"resize": [36, 44], "crop_size": 64}}, f)
+    with pytest.raises(export.UserError, match=r"^crop size 64 \(the workdir config's data\."):
+        export.export_checkpoint(workdir, path)
+    for bad in (0, -3):  # the library call: 0 is no "use the default"
+        with pytest.raises(export.UserError, match=f"^crop_size {bad}: expected a positive int"):
+            export.export_checkpoint(model_dir, path, crop_size=bad)
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("top", [0, -1])
+def test_predict_refuses_a_top_that_is_not_positive(model_dir, tmp_path, monkeypatch, top):
+    """-1 would drop the last class without a word, 0 fail deep inside the printing; both
+    refused before the checkpoint is loaded."""
+    _no_model_load(monkeypatch)
+    expected = f"^top {top}: a positive integer expected"
+    with pytest.raises(predict.UserError, match=expected):
+        predict.predict(model_dir, str(tmp_path), top=top)
+    with pytest.raises(predict.UserError, match=expected):
+        predict.top_classes(np.zeros(CLASSES, np.float32), NAMES, top)
+    from aia_jax import stream
+
+    with pytest.raises(predict.UserError, match=expected):  # before the stream is opened
+        next(stream.predict_stream(model_dir, str(tmp_path / "none.mp4"), top=top))
+
+
 def _window_logits(model_dir, frames, end, size, settings):
     """Reference logits of the window of `size` frames ending at frame `end` (inclusive)."""
     from aia_jax.data import transforms

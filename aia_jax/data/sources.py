@@ -268,7 +268,8 @@ class VideoFileSource:
 class TfdsSource:
     """A prepared TFDS dataset read through `tfds.data_source` (ArrayRecord; no TensorFlow).
 
-    The video feature is a `uint8 [N, H, W, 3]` tensor, or a `Video` feature of encoded frames.
+    The video feature is a `uint8 [N, H, W, C]` tensor (C: 1 grey, 3 RGB or 4 RGBA; read as RGB),
+    or a `Video` feature of encoded frames.
     TFDS needs TensorFlow to build `Video` features; without it this reads the prepared ArrayRecord
     files itself (`tf.train.Example` protos parsed with TFDS's own TF-free protos) and decodes only
     the picked frames.
@@ -349,30 +350,48 @@ class TfdsSource:
         return f"tfds {self.name}[{self.split}] example {index}"
 
     def read(self, index: int, pick: decode.Pick) -> tuple[np.ndarray, int]:
+        # Messages leave out `describe(index)`: the pipeline puts it in front of every bad sample.
         example = self._open()[index]
         video, label = example[self.video_key], int(example[self.label_key])
         if len(video) == 0:  # every sampling rule would index frame 0
-            raise BadSampleError(f"{self.describe(index)}: the video has no frames")
+            raise BadSampleError("the video has no frames")
         if isinstance(video, np.ndarray):
+            _check_tensor_video(video, self.video_key)
             indices = np.asarray(pick(len(video)))
-            return video[indices], label
+            return _to_rgb(video[indices]), label
         # Encoded frames (the raw reader): decode only the picked ones.
         indices = np.asarray(pick(len(video)))
-        frames = {
-            int(i): _decode_image_bytes(video[int(i)], self.describe(index))
-            for i in np.unique(indices)
-        }
+        frames = {int(i): _decode_image_bytes(video[int(i)], int(i)) for i in np.unique(indices)}
         return decode.gather(indices, frames), label
 
 
-def _decode_image_bytes(data: bytes, where: str) -> np.ndarray:
+def _check_tensor_video(video: np.ndarray, key: str) -> None:
+    if video.ndim != 4 or video.shape[-1] not in (1, 3, 4):
+        raise BadSampleError(
+            f"feature {key!r} has shape {list(video.shape)} ({video.dtype}), expected "
+            "[frames, height, width, channels] with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels"
+        )
+
+
+def _to_rgb(frames: np.ndarray) -> np.ndarray:
+    """`[..., C]` frames with C of 1, 3 or 4 as `[..., 3]`, as PIL's `convert('RGB')` makes them.
+
+    The release reads every frame through `convert('RGB')`: grey becomes three equal channels and
+    alpha is dropped (not composited).
+    """
+    if frames.shape[-1] == 1:
+        return np.repeat(frames, 3, axis=-1)
+    return frames[..., :3] if frames.shape[-1] == 4 else frames
+
+
+def _decode_image_bytes(data: bytes, frame: int) -> np.ndarray:
     from PIL import Image  # noqa: PLC0415
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image.convert("RGB"))
     except decode.IMAGE_ERRORS as e:
-        raise BadSampleError(f"{where}: cannot decode a frame: {e}") from None
+        raise BadSampleError(f"cannot decode frame {frame}: {e}") from None
 
 
 def _tfds_default_dir() -> str:
