@@ -109,6 +109,8 @@ def export_model(
             f"platforms {', '.join(map(repr, unknown))}: expected some of "
             f"{', '.join(LOWERING_PLATFORMS)}"
         )
+    if isinstance(crop_size, bool) or not isinstance(crop_size, int | np.integer) or crop_size < 1:
+        raise UserError(f"crop_size {crop_size!r}: expected a positive integer")
     (b,) = jax.export.symbolic_shape("b", constraints=("b >= 1",))
     spec = jax.ShapeDtypeStruct(
         (b, model.num_segments, crop_size, crop_size, 3), jnp.dtype(input_dtype)

@@ -103,6 +103,9 @@ def test_export_round_trip(model_dir, tmp_path, capsys):
 def test_export_float_input(model_dir):
     variables, meta = modelio.load_model(model_dir)
     model = modelio.create_model(meta)
+    for bad in (0, -3, 2.5):  # jax's own error about negative shapes, or a float crop
+        with pytest.raises(export.UserError, match=rf"^crop_size {bad}: expected a positive"):
+            export.export_model(model, variables, crop_size=bad)
     exported = export.export_model(model, variables, crop_size=S, input_dtype="float32")
     clips = np.random.default_rng(0).integers(0, 256, (3, T, S, S, 3), dtype=np.uint8)
     normalised = np.asarray(data.normalize(clips, jnp.float32))
