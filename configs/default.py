@@ -9,9 +9,9 @@ The order-blind baseline for comparison (TSN: per-frame ResNet + average consens
     python train.py --config configs/default.py --workdir runs/default_c2d --config.model.name=C2D
 
 Expected result (README, "Quick start results"; 2026-12-07, a 2-core AMD EPYC, jax 0.10.2,
-dataset already generated): 122 s wall time, ~240 clips/s; val top-1 95.4 %, top-5 99.8 %
+dataset already generated): 129 s wall time, ~240 clips/s; val top-1 97.1 %, top-5 99.8 %
 over the 480 validation videos (1 clip × 1 centre crop), per-2-epoch val top-1
-20.0 / 75.8 / 92.7 / 95.4 %, the same on every run of this code. The C2D baseline: 37.9 %,
+26.2 / 84.4 / 96.2 / 97.1 %, the same on every run of this code. The C2D baseline: 37.9 %,
 right within-pair class at chance. Chance is 8.3 % (12 classes). The final figure moves by
 several points with the seed or with float32 rounding (87.5-97.3 % measured over seeds 0 and 1 and
 several code versions; README).
