@@ -605,59 +605,16 @@ def test_tfds_wrong_feature_keys_fail_at_start(tmp_path):
     assert sorted(raw.feature_keys()) == ["label", "video"]
 
 
-def _write_tensor_tfds(data_dir, dataset, channels, num_videos=2, num_frames=8, size=(8, 8)):
-    """A TFDS dataset `dataset` whose `video` is a uint8 `[N, H, W, channels]` tensor; frame `f`
-    of video `i` is `testing.frame_pixels` (red = frame), channel 3 (alpha) 200, any others 60."""
-    import tensorflow_datasets as tfds
-
-    from aia_jax.data import synthetic
-
-    def frame(i, f):
-        rgb = testing.frame_pixels(i, f, size)
-        extra = np.full((*size, max(channels - 3, 0)), 60, np.uint8)
-        extra[..., :1] = 200
-        return np.concatenate([rgb, extra], -1) if channels > 3 else rgb[..., :channels]
-
-    with tfds.core.registered.skip_registration():
-
-        class Builder(tfds.core.GeneratorBasedBuilder):
-            VERSION = tfds.core.Version("1.0.0")
-            code_path = None
-            name = dataset  # TFDS would take a `Builder`'s name from a package the tests lack
-
-            def _info(self):
-                return synthetic.local_dataset_info(
-                    builder=self,
-                    features=tfds.features.FeaturesDict(
-                        {
-                            "video": tfds.features.Tensor(
-                                shape=(num_frames, *size, channels), dtype=np.uint8
-                            ),
-                            "label": tfds.features.ClassLabel(num_classes=4),
-                        }
-                    ),
-                )
-
-            def _split_generators(self, dl_manager):
-                return {"train": self._generate_examples()}
-
-            def _generate_examples(self):
-                for i in range(num_videos):
-                    video = np.stack([frame(i, f) for f in range(num_frames)])
-                    yield i, {"video": video, "label": i % 4}
-
-        tfds.disable_progress_bar()
-        Builder(data_dir=data_dir, file_format="array_record").download_and_prepare()
-
-
 @pytest.mark.parametrize("channels", [1, 4])
 def test_tfds_grey_and_rgba_tensor_videos_read_as_rgb(tmp_path, channels):
     from PIL import Image
 
-    _write_tensor_tfds(str(tmp_path), "clips", channels)
+    testing.write_tfds(str(tmp_path), "clips", {"train": 2}, 8, size=(8, 8), channels=channels)
     source = sources.TfdsSource("clips", "train", str(tmp_path))
-    raw = source._open()[1]["video"]
-    frames, label = source.read(1, lambda n: np.array([[2, 0, 2]]))
+    # The example of label 1 (TFDS orders examples by their keys' hashes).
+    index = [int(source._open()[i]["label"]) for i in range(2)].index(1)
+    raw = source._open()[index]["video"]
+    frames, label = source.read(index, lambda n: np.array([[2, 0, 2]]))
     # What the release's PIL `convert('RGB')` makes of each frame: grey copied, alpha dropped.
     expected = [
         np.asarray(Image.fromarray(raw[i][..., 0] if channels == 1 else raw[i]).convert("RGB"))
@@ -675,7 +632,7 @@ def test_tfds_grey_and_rgba_tensor_videos_read_as_rgb(tmp_path, channels):
 
 
 def test_tfds_tensor_video_with_other_channels_is_a_bad_sample(tmp_path):
-    _write_tensor_tfds(str(tmp_path), "two_channels", 2)
+    testing.write_tfds(str(tmp_path), "two_channels", {"train": 2}, 8, size=(8, 8), channels=2)
     c = small_config(tmp_path, "tfds", tfds_name="two_channels", data_dir=str(tmp_path))
     c.val_split = "train"
     with pytest.raises(data.BadSampleError) as e:

@@ -137,9 +137,22 @@ def write_tfds(
     *,
     size: tuple[int, int] = (24, 32),
     num_classes: int = 4,
+    channels: int = 3,
 ) -> None:
-    """A TFDS dataset `name` (uint8 tensor videos, ClassLabel labels) through a TFDS builder."""
+    """A TFDS dataset `name` (uint8 tensor videos, ClassLabel labels) through a TFDS builder.
+
+    Frames are `frame_pixels`; `channels` other than 3 keep its first ones (1: grey, 2) or add
+    an alpha channel of 200 and any further ones of 60 (4: RGBA, 5, …).
+    """
     import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    def frame(video: int, f: int) -> np.ndarray:
+        rgb = frame_pixels(video, f, size)
+        if channels <= 3:
+            return rgb[..., :channels]
+        extra = np.full((*size, channels - 3), 60, np.uint8)
+        extra[..., 0] = 200
+        return np.concatenate([rgb, extra], -1)
 
     with tfds.core.registered.skip_registration():
 
@@ -153,7 +166,9 @@ def write_tfds(
                     features=tfds.features.FeaturesDict(
                         {
                             "video": tfds.features.Tensor(
-                                shape=(num_frames, *size, 3), dtype=np.uint8, encoding="zlib"
+                                shape=(num_frames, *size, channels),
+                                dtype=np.uint8,
+                                encoding="zlib",
                             ),
                             "label": tfds.features.ClassLabel(num_classes=num_classes),
                         }
@@ -165,7 +180,7 @@ def write_tfds(
 
             def _generate_examples(self, split, n):
                 for i in range(n):
-                    video = np.stack([frame_pixels(i, f, size) for f in range(num_frames)])
+                    video = np.stack([frame(i, f) for f in range(num_frames)])
                     yield f"{split}{i}", {"video": video, "label": i % num_classes}
 
         Builder.name = name
