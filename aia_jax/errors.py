@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import numbers
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def checked_positive_int(name: str, value: Any) -> int:
+    """`value` as an int, or a one-line `UserError` naming `name` unless it is a positive integer.
+
+    For library arguments (`positive_int` is the command-line flags' twin); a bool is no count.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise UserError(f"{name} {value!r}: expected a positive integer")
+    return int(value)
 
 
 def positive_int(text: str) -> int:

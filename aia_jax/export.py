@@ -40,6 +40,7 @@ from aia_jax.errors import (
     ArgumentParser,
     InputNotFoundError,
     UserError,
+    checked_positive_int,
     one_line,
     positive_int,
     reported_as_usage_errors,
@@ -109,8 +110,7 @@ def export_model(
             f"platforms {', '.join(map(repr, unknown))}: expected some of "
             f"{', '.join(LOWERING_PLATFORMS)}"
         )
-    if isinstance(crop_size, bool) or not isinstance(crop_size, int | np.integer) or crop_size < 1:
-        raise UserError(f"crop_size {crop_size!r}: expected a positive integer")
+    checked_positive_int("crop_size", crop_size)
     (b,) = jax.export.symbolic_shape("b", constraints=("b >= 1",))
     spec = jax.ShapeDtypeStruct(
         (b, model.num_segments, crop_size, crop_size, 3), jnp.dtype(input_dtype)
@@ -311,8 +311,8 @@ def export_checkpoint(
     from aia_jax import modelio, predict
 
     # `crop_size or default` would turn a 0 into the default without a word.
-    if crop_size is not None and (isinstance(crop_size, bool) or crop_size < 1):
-        raise UserError(f"crop_size {crop_size!r}: expected a positive integer")
+    if crop_size is not None:
+        checked_positive_int("crop_size", crop_size)
     modelio.read_meta(checkpoint)  # a missing checkpoint is named before the crop is checked
     settings = predict.preprocessing_settings(checkpoint)
     crop_size = _checked_crop_size(

@@ -37,6 +37,7 @@ from aia_jax.errors import (
     ArgumentParser,
     InputNotFoundError,
     UserError,
+    checked_positive_int,
     positive_int,
     reported_as_usage_errors,
 )
@@ -309,22 +310,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def check_top(top: Any) -> int:
-    """`top` (how many classes to return), or a `UserError` unless it is a positive integer.
-
-    Slicing would take 0 for no class (and a table nothing can be printed from) and -1 for all
-    classes but the last.
-    """
-    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
-        raise UserError(f"top {top!r}: a positive integer expected (how many classes)")
-    return int(top)
-
-
 def top_classes(
     logits: np.ndarray, class_names: Sequence[str] | None, top: int = 5
 ) -> list[dict[str, Any]]:
     """The `top` classes of one video's logits `[K]`: index, name, probability, logit."""
-    top = check_top(top)
+    top = checked_positive_int("top", top)
     probs = softmax(np.asarray(logits, np.float64))
     order = np.argsort(-probs, kind="stable")[: min(top, len(probs))]
     names = list(class_names or [])
@@ -360,7 +350,7 @@ def predict(
     """
     from aia_jax import modelio
 
-    top = check_top(top)  # before the checkpoint is loaded or a frame decoded
+    top = checked_positive_int("top", top)  # before the checkpoint is loaded or a frame decoded
     variables, meta = modelio.load_model(checkpoint)
     model = modelio.create_model(meta)
     settings = preprocessing_settings(

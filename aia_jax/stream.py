@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from aia_jax.errors import UserError
+from aia_jax.errors import UserError, checked_positive_int
 
 DEFAULT_FPS = 25.0  # where the stream does not say its frame rate
 
@@ -133,7 +133,7 @@ def predict_stream(
         raise UserError(f"window_seconds {window_seconds}: expected a positive number")
     if every is not None and every < 1:
         raise UserError(f"every {every}: expected a positive number of frames")
-    top = predict.check_top(top)
+    top = checked_positive_int("top", top)
     variables, meta = modelio.load_model(checkpoint)
     model = modelio.create_model(meta)
     class_names = predict.checked_class_names(checkpoint, meta, model.num_classes, class_names)

@@ -367,7 +367,7 @@ def test_predict_refuses_a_top_that_is_not_positive(model_dir, tmp_path, monkeyp
     """-1 would drop the last class without a word, 0 fail deep inside the printing; both
     refused before the checkpoint is loaded."""
     _no_model_load(monkeypatch)
-    expected = f"^top {top}: a positive integer expected"
+    expected = f"^top {top}: expected a positive integer$"
     with pytest.raises(predict.UserError, match=expected):
         predict.predict(model_dir, str(tmp_path), top=top)
     with pytest.raises(predict.UserError, match=expected):
