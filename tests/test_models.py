@@ -288,6 +288,25 @@ def test_jit_forward_and_gradient_step(form, dtype):
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new))
 
 
+def test_float64_network_returns_float64_logits():
+    # A float64 network (x64) is float64 end to end, its pooled features and logits included.
+    with jax.enable_x64(True):
+        model = models.create(
+            "C2D",
+            num_classes=3,
+            num_segments=1,
+            depth=14,
+            width=4,
+            dtype=jnp.float64,
+            param_dtype=jnp.float64,
+        )
+        clips = jax.random.normal(jax.random.key(0), (1, 1, 16, 16, 3), jnp.float64)
+        # Shapes and dtypes only (nothing compiled): the dtype is what is checked.
+        variables = jax.eval_shape(lambda: model.init(jax.random.key(1), clips, train=False))
+        logits = jax.eval_shape(lambda v: model.apply(v, clips, train=False), variables)
+        assert logits.dtype == jnp.float64
+
+
 def test_partial_bn_keeps_block_statistics_and_updates_the_stem():
     model = models.create("TSM_CinST", num_classes=3, num_segments=2, depth=14, width=8)
     frozen = models.create(

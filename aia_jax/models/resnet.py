@@ -353,8 +353,11 @@ class ResNet(nn.Module):
                 )(x, train=train)
                 in_channels = planes * 4
 
-        # Global average pool over space (and time for I3D), accumulated in float32.
-        x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), dtype=jnp.float32)
+        # Global average pool over space (and time for I3D), accumulated in float32 (in float64
+        # for a float64 network).
+        x = jnp.mean(
+            x, axis=tuple(range(1, x.ndim - 1)), dtype=jnp.promote_types(x.dtype, jnp.float32)
+        )
         if self.num_classes is not None:
             x = nn.Dense(
                 self.num_classes,

@@ -53,7 +53,9 @@ def parse_name(name: str) -> ModelName:
 
 
 class VideoNet(nn.Module):
-    """Clips `[B, T, H, W, 3]` (normalised) → float32 logits `[B, num_classes]`.
+    """Clips `[B, T, H, W, 3]` (normalised) → logits `[B, num_classes]`.
+
+    Logits are float32, or float64 for a float64 network (`dtype=jnp.float64` under x64).
 
     2D forms (C2D, TSM): frames through the ResNet, dropout, `new_fc` per frame, average over T
     (the release's "avg consensus"); T must be `num_segments`. I3D: global space-time pooling,
@@ -121,7 +123,8 @@ class VideoNet(nn.Module):
                 kernel_init=nn.initializers.normal(0.001),
                 name="new_fc",
             )(x)
-        x = x.astype(jnp.float32)
+        # float32 logits for a bf16 network, float64 ones for a float64 network.
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if self.form != "I3D":
             x = x.reshape(b, t, self.num_classes).mean(axis=1)
         return x

@@ -116,7 +116,9 @@ def make_train_step(
                     state.params, batch_stats, v, y, jax.random.fold_in(rng, k)
                 )
                 grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-                return (grads_sum, batch_stats, loss_sum + loss, top1_sum + top1), None
+                # The metrics are float32, a float64 network's loss too.
+                loss_sum = loss_sum + loss.astype(loss_sum.dtype)
+                return (grads_sum, batch_stats, loss_sum, top1_sum + top1), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             init = (zeros, state.batch_stats, jnp.float32(0), jnp.float32(0))
@@ -130,7 +132,7 @@ def make_train_step(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
         metrics = {
-            "loss": loss,
+            "loss": loss.astype(jnp.float32),
             "top1": top1,
             "grad_norm": grad_norm,
             "param_norm": optax.tree.norm(params),
