@@ -644,3 +644,104 @@ def test_tfds_tensor_video_with_other_channels_is_a_bad_sample(tmp_path):
     )
     c.on_bad_sample = "skip"
     assert all_eval(c, batch=2)["valid"].tolist() == [False, False]
+
+
+def write_sliceable_raw_tfds(root) -> None:
+    """'train' videos 0–12 in shards of 5, 5, 3 and 'validation' videos 100–103 in shards of 2,
+    2 (labels: the video numbers), with `Video` features: read by the raw ArrayRecord reader."""
+    for split, n, shards, first in (("train", 13, [5, 5, 3], 0), ("validation", 4, [2, 2], 100)):
+        testing.write_raw_video_tfds(
+            str(root), "sliced", split, n, 4, size=(24, 32), num_classes=200,
+            shard_lengths=shards, first=first,
+        )  # fmt: skip
+
+
+def test_tfds_sliced_splits_read_raw_as_tfds_slices(tmp_path):
+    write_sliceable_raw_tfds(tmp_path)
+    train, val = list(range(13)), [100, 101, 102, 103]
+    # TFDS's semantics (tensorflow.org/datasets/splits): percents of a split rounded to the
+    # closest example (Python's round: 50% of 13 is 6), negative bounds from the end, shards.
+    expected = {
+        "train": train,
+        "train[:80%]": train[:10],
+        "train[3:8]": train[3:8],  # across shard files
+        "train[-10%:]": train[-1:],
+        "train[-25%:-10%]": train[-3:-1],
+        "train[:50%]+validation[:2]": train[:6] + val[:2],
+        "validation + train[12:]": val + train[12:],
+        "train[1shard:2shard]": train[5:10],
+        "validation[1:3]": val[1:3],
+        "all": train + val,
+        "train[4:4]": [],
+    }
+    for spec, labels in expected.items():
+        source = sources.TfdsSource("sliced", spec, str(tmp_path))
+        assert source.raw and len(source) == len(labels), spec
+        assert [int(source._open()[i]["label"]) for i in range(len(source))] == labels, spec
+    # Through the pipeline: the frames are those of the picked videos.
+    c = small_config(tmp_path, "tfds", tfds_name="sliced", data_dir=str(tmp_path), num_classes=0)
+    c.train_split, c.val_split = "train[:80%]", "train[:50%]+validation[-1:]"
+    assert set(one_train_batch(c, batch=4)["label"].tolist()) <= set(train[:10])
+    out = all_eval(c, batch=8)
+    assert out["label"][:7].tolist() == train[:6] + val[-1:]
+    picked = np.stack([testing.frame_pixels(v, 0, (16, 16)) for v in train[:6] + val[-1:]])
+    np.testing.assert_array_equal(video_ids(out["video"][:7, 0])[:, 0], video_ids(picked))
+    assert "tensorflow" not in sys.modules
+
+
+def test_tfds_bad_split_specs_are_one_line_errors(tmp_path):
+    write_sliceable_raw_tfds(tmp_path)
+    testing.write_tfds(str(tmp_path), "clips", {"train": 5, "validation": 2}, 2, size=(8, 8))
+    for name, sizes in (("sliced", (13, 4)), ("clips", (5, 2))):  # raw reader / TFDS's
+        for spec, reason in (
+            ("train[::]", "Unrecognized split format: 'train[::]'"),
+            ("train[1:2:3]", "Unrecognized split format: 'train[1:2:3]'"),
+            ("nosuch[:10%]", "Unknown split 'nosuch'"),
+            ("train+nosuch", "Unknown split 'nosuch'"),
+            ("train[:200%]", "When unit=%, percent slice boundaries should be in [-100, 100]"),
+            ("train[:20]", f"Requested slice [:20] incompatible with {sizes[0]} examples"),
+            ("train[4:2]", "slice [4:2] of 'train' is reversed"),  # TFDS: a negative length
+        ):
+            with pytest.raises(data.DataError) as e:
+                sources.TfdsSource(name, spec, str(tmp_path))
+            assert str(e.value) == (
+                f"{tmp_path / name / '1.0.0'}: split {spec!r}: {reason} (splits: train "
+                f"({sizes[0]} examples), validation ({sizes[1]} examples); syntax as in TFDS, "
+                "e.g. 'train', 'train[:80%]', 'train[10:20]+validation')"
+            )
+
+
+def test_tfds_sliced_splits_of_tensor_videos_read_as_the_raw_reader_maps_them(tmp_path):
+    # Tensor videos go through `tfds.data_source`; the raw reader's mapping of a spec onto the
+    # shard files must pick the same examples in the same order (it can read their labels).
+    testing.write_tfds(
+        str(tmp_path), "clips", {"train": 9, "validation": 3}, 4, size=(8, 8), num_classes=50
+    )
+    for spec in ("train[:50%]+validation[:2]", "train[-30%:-10%]", "validation+train[2:5]", "all"):
+        source = sources.TfdsSource("clips", spec, str(tmp_path))
+        raw = sources.RawArrayRecordExamples("clips", spec, str(tmp_path))
+        labels = [int(source._open()[i]["label"]) for i in range(len(source))]
+        assert not source.raw and len(raw) == len(source), spec
+        assert [int(raw[i]["label"]) for i in range(len(raw))] == labels, spec
+    c = small_config(tmp_path, "tfds", tfds_name="clips", data_dir=str(tmp_path), num_classes=0)
+    c.val_split = "validation[1:]+train[:2]"
+    train = sources.TfdsSource("clips", "train", str(tmp_path))
+    val = sources.TfdsSource("clips", "validation", str(tmp_path))
+    expected = [int(val._open()[i]["label"]) for i in (1, 2)]
+    expected += [int(train._open()[i]["label"]) for i in (0, 1)]
+    assert all_eval(c, batch=4)["label"].tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16])
+def test_tfds_tensor_video_not_uint8_is_a_bad_sample(tmp_path, dtype):
+    testing.write_tfds(str(tmp_path), "floats", {"train": 2}, 8, size=(8, 8), dtype=dtype)
+    c = small_config(tmp_path, "tfds", tfds_name="floats", data_dir=str(tmp_path))
+    c.val_split = "train"
+    with pytest.raises(data.BadSampleError) as e:
+        all_eval(c, batch=2)
+    assert str(e.value) == (
+        f"tfds floats[train] example 0: feature 'video' has shape [8, 8, 8, 3] "
+        f"({np.dtype(dtype).name}), expected uint8 [frames, height, width, channels]"
+    )
+    c.on_bad_sample = "skip"
+    assert all_eval(c, batch=2)["valid"].tolist() == [False, False]

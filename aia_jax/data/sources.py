@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -269,7 +270,8 @@ class TfdsSource:
     """A prepared TFDS dataset read through `tfds.data_source` (ArrayRecord; no TensorFlow).
 
     The video feature is a `uint8 [N, H, W, C]` tensor (C: 1 grey, 3 RGB or 4 RGBA; read as RGB),
-    or a `Video` feature of encoded frames.
+    or a `Video` feature of encoded frames; another dtype is a bad sample. `split` is a TFDS split
+    spec ('train', 'train[:80%]', 'train[:50%]+validation[:2]'), read with TFDS's semantics.
     TFDS needs TensorFlow to build `Video` features; without it this reads the prepared ArrayRecord
     files itself (`tf.train.Example` protos parsed with TFDS's own TF-free protos) and decodes only
     the picked frames.
@@ -303,6 +305,14 @@ class TfdsSource:
 
         tfds.disable_progress_bar()
         if not self.raw:
+            # TFDS's own errors for a bad split spec lack the split names, and a reversed slice
+            # ('train[5:2]') only fails later, as a negative length. A dataset not found or
+            # unreadable here is left to TFDS to explain, below.
+            prepared = None
+            with contextlib.suppress(DataError, OSError, ValueError):
+                prepared = _prepared_dataset(self.name, self.data_dir)
+            if prepared is not None:
+                _split_instructions(self.split, *prepared)
             try:
                 # TFDS prints a banner to stdout when a feature needs the absent TensorFlow.
                 with contextlib.redirect_stdout(io.StringIO()):
@@ -371,6 +381,13 @@ def _check_tensor_video(video: np.ndarray, key: str) -> None:
             f"feature {key!r} has shape {list(video.shape)} ({video.dtype}), expected "
             "[frames, height, width, channels] with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels"
         )
+    # Frames are 0–255 pixels from here on: float [0, 1] or 16-bit ones would be misread, or
+    # fail deep in the resize with a traceback.
+    if video.dtype != np.uint8:
+        raise BadSampleError(
+            f"feature {key!r} has shape {list(video.shape)} ({video.dtype}), expected uint8 "
+            "[frames, height, width, channels]"
+        )
 
 
 def _to_rgb(frames: np.ndarray) -> np.ndarray:
@@ -404,41 +421,19 @@ class RawArrayRecordExamples:
     """A TFDS-prepared ArrayRecord split read without TFDS's feature classes.
 
     Each record is a serialized `tf.train.Example`; the video feature is a list of encoded frames
-    (`bytes_list`) or a raw tensor, the label an int.
+    (`bytes_list`) or a raw tensor, the label an int. `split` is a TFDS split spec, mapped onto
+    the shard files with TFDS's own parser: the examples and order of `tfds.data_source`.
     """
 
     def __init__(self, name: str, split: str, data_dir: str | None):
-        base, _, version = name.partition(":")
-        root = os.path.join(data_dir or _tfds_default_dir(), base)
-        if not version:
-            versions = sorted(
-                (
-                    d
-                    for d in _listdir(root)
-                    if os.path.isfile(os.path.join(root, d, "dataset_info.json"))
-                ),
-                key=lambda v: tuple(_int(x) or 0 for x in v.split(".")),
-            )
-            if not versions:
-                raise DataError(f"{root}: no prepared TFDS dataset {name!r}")
-            version = versions[-1]
-        self.directory = os.path.join(root, version)
-        with open(os.path.join(self.directory, "dataset_info.json")) as f:
-            info = json.load(f)
-        splits = {s["name"]: s for s in info.get("splits", [])}
-        if split not in splits:
-            raise DataError(f"{self.directory}: no split {split!r} (has {sorted(splits)})")
-        shards = [int(n) for n in splits[split]["shardLengths"]]
+        self.directory, info = _prepared_dataset(name, data_dir)
         file_format = info.get("fileFormat", "tfrecord")
         if file_format != "array_record":
             raise DataError(f"{self.directory}: file format {file_format!r}, need array_record")
-        self.paths = [
-            os.path.join(
-                self.directory, f"{info['name']}-{split}.array_record-{i:05d}-of-{len(shards):05d}"
-            )
-            for i in range(len(shards))
-        ]
-        self.length = sum(shards)
+        # `split` is a TFDS split spec ('train[:80%]+validation'): which records of which shard
+        # files, in order, as `tfds.data_source` reads them.
+        self.instructions = _split_instructions(split, self.directory, info)
+        self.length = sum(i.take for i in self.instructions)
         self._source: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -475,7 +470,7 @@ class RawArrayRecordExamples:
         if self._source is None:
             from array_record.python import array_record_data_source  # noqa: PLC0415
 
-            self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
+            self._source = array_record_data_source.ArrayRecordDataSource(self.instructions)
         example = tf_example_pb2.Example.FromString(self._source[index])
         out = {}
         for key, feature in example.features.feature.items():
@@ -488,6 +483,79 @@ class RawArrayRecordExamples:
             elif kind == "float_list":
                 out[key] = np.asarray(feature.float_list.value)
         return out
+
+
+def _prepared_dataset(name: str, data_dir: str | None) -> tuple[str, dict[str, Any]]:
+    """The directory of TFDS dataset `name` ('ds[/config][:version]'; no version: the newest
+    prepared) under `data_dir` and its parsed `dataset_info.json`."""
+    base, _, version = name.partition(":")
+    root = os.path.join(data_dir or _tfds_default_dir(), base)
+    if not version:
+        versions = sorted(
+            (
+                d
+                for d in _listdir(root)
+                if os.path.isfile(os.path.join(root, d, "dataset_info.json"))
+            ),
+            key=lambda v: tuple(_int(x) or 0 for x in v.split(".")),
+        )
+        if not versions:
+            raise DataError(f"{root}: no prepared TFDS dataset {name!r}")
+        version = versions[-1]
+    directory = os.path.join(root, version)
+    with open(os.path.join(directory, "dataset_info.json")) as f:
+        return directory, json.load(f)
+
+
+def _split_instructions(spec: str, directory: str, info: dict[str, Any]) -> list[Any]:
+    """The `FileInstruction`s (shard file, skip, take) that read split spec `spec`.
+
+    TFDS's own parser and slicing (no TensorFlow needed) make the examples, their order and the
+    rounding of percent bounds those of `tfds.data_source`. A bad spec is a one-line `DataError`
+    naming the spec and the dataset's splits.
+    """
+    from tensorflow_datasets.core import splits as tfds_splits  # noqa: PLC0415
+    from tensorflow_datasets.core.utils import shard_utils  # noqa: PLC0415
+
+    lengths = {
+        s["name"]: [int(n) for n in s.get("shardLengths", [])] for s in info.get("splits", [])
+    }
+    infos = {
+        name: tfds_splits.SplitInfo(name=name, shard_lengths=n, num_bytes=0)
+        for name, n in lengths.items()
+    }
+
+    def refuse(reason: str) -> DataError:
+        have = ", ".join(f"{name} ({sum(n)} examples)" for name, n in lengths.items()) or "none"
+        return DataError(
+            f"{directory}: split {spec!r}: {reason} (splits: {have}; syntax as in TFDS, "
+            "e.g. 'train', 'train[:80%]', 'train[10:20]+validation')"
+        )
+
+    try:
+        absolute = tfds_splits.AbstractSplit.from_spec(spec).to_absolute(infos)
+    except (ValueError, NotImplementedError) as e:
+        # TFDS puts the reason on the last line; its pointers (docs, issues), repeat of the spec
+        # and list of split names are left out (the message has examples and the splits).
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        reason = re.sub(
+            r"\.? ?(See format at:? \S+|Should be one of .*|Got: .*|Please open a github .*)$",
+            "",
+            reason,
+        )
+        raise refuse(reason.rstrip(".")) from None
+    instructions = []
+    for part in absolute:
+        name, n = part.splitname, infos[part.splitname].num_examples
+        start, stop = part.from_ or 0, n if part.to is None else part.to
+        if start > stop:  # TFDS would make a negative length of this
+            raise refuse(f"slice [{start}:{stop}] of {name!r} is reversed")
+        if n:  # TFDS skips an empty split
+            k = len(lengths[name])
+            stem = os.path.join(directory, f"{info['name']}-{name}.array_record")
+            paths = [f"{stem}-{i:05d}-of-{k:05d}" for i in range(k)]
+            instructions += shard_utils.get_file_instructions(start, stop, paths, lengths[name])
+    return instructions
 
 
 def _listdir(path: str) -> list[str]:

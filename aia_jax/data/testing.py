@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from aia_jax.data import synthetic
 
@@ -138,11 +139,13 @@ def write_tfds(
     size: tuple[int, int] = (24, 32),
     num_classes: int = 4,
     channels: int = 3,
+    dtype: npt.DTypeLike = np.uint8,
 ) -> None:
     """A TFDS dataset `name` (uint8 tensor videos, ClassLabel labels) through a TFDS builder.
 
     Frames are `frame_pixels`; `channels` other than 3 keep its first ones (1: grey, 2) or add
-    an alpha channel of 200 and any further ones of 60 (4: RGBA, 5, …).
+    an alpha channel of 200 and any further ones of 60 (4: RGBA, 5, …). Another `dtype` stores
+    them as that type (a float one scaled to [0, 1]).
     """
     import tensorflow_datasets as tfds  # noqa: PLC0415
 
@@ -167,7 +170,7 @@ def write_tfds(
                         {
                             "video": tfds.features.Tensor(
                                 shape=(num_frames, *size, channels),
-                                dtype=np.uint8,
+                                dtype=dtype,
                                 encoding="zlib",
                             ),
                             "label": tfds.features.ClassLabel(num_classes=num_classes),
@@ -181,6 +184,9 @@ def write_tfds(
             def _generate_examples(self, split, n):
                 for i in range(n):
                     video = np.stack([frame(i, f) for f in range(num_frames)])
+                    if np.issubdtype(dtype, np.floating):
+                        video = video / 255
+                    video = video.astype(dtype)
                     yield f"{split}{i}", {"video": video, "label": i % num_classes}
 
         Builder.name = name
@@ -198,10 +204,16 @@ def write_raw_video_tfds(
     size: tuple[int, int] = (24, 32),
     num_classes: int = 4,
     corrupt: Sequence[int] = (),
+    shard_lengths: Sequence[int] = (),
+    first: int = 0,
 ) -> None:
     """A prepared TFDS dataset with a `Video` feature (PNG frames), written without TFDS's writer
     (which would need TensorFlow for `Video`): ArrayRecord of `tf.train.Example` + metadata.
-    Videos in `corrupt` get an undecodable frame 1."""
+
+    Video k of the split is video `first + k` of `frame_pixels`, label `(first + k) %
+    num_classes`; videos in `corrupt` (k) get an undecodable frame 1. `shard_lengths` (default:
+    one shard) spread them over files. Called again for another split, it adds that split.
+    """
     import io  # noqa: PLC0415
 
     from array_record.python import array_record_module  # noqa: PLC0415
@@ -210,33 +222,43 @@ def write_raw_video_tfds(
 
     directory = os.path.join(data_dir, name, "1.0.0")
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"{name}-{split}.array_record-00000-of-00001")
-    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-    for i in range(num_videos):
-        frames = []
-        for f in range(num_frames):
-            buffer = io.BytesIO()
-            Image.fromarray(frame_pixels(i, f, size)).save(buffer, format="PNG")
-            frames.append(b"not a png" if (i in corrupt and f == 1) else buffer.getvalue())
-        feature = {
-            "video": tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(value=frames)),
-            "label": tf_feature_pb2.Feature(
-                int64_list=tf_feature_pb2.Int64List(value=[i % num_classes])
-            ),
-        }
-        example = tf_example_pb2.Example(features=tf_feature_pb2.Features(feature=feature))
-        writer.write(example.SerializeToString())
-    writer.close()
+    shard_lengths = list(shard_lengths) or [num_videos]
+    assert sum(shard_lengths) == num_videos, (shard_lengths, num_videos)
+    starts = np.cumsum([0, *shard_lengths])
+    for shard, n in enumerate(shard_lengths):
+        of = len(shard_lengths)
+        path = os.path.join(directory, f"{name}-{split}.array_record-{shard:05d}-of-{of:05d}")
+        writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+        for i in range(int(starts[shard]), int(starts[shard]) + n):
+            frames = []
+            for f in range(num_frames):
+                buffer = io.BytesIO()
+                Image.fromarray(frame_pixels(first + i, f, size)).save(buffer, format="PNG")
+                frames.append(b"not a png" if (i in corrupt and f == 1) else buffer.getvalue())
+            label = (first + i) % num_classes
+            feature = {
+                "video": tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(value=frames)),
+                "label": tf_feature_pb2.Feature(int64_list=tf_feature_pb2.Int64List(value=[label])),
+            }
+            example = tf_example_pb2.Example(features=tf_feature_pb2.Features(feature=feature))
+            writer.write(example.SerializeToString())
+        writer.close()
+    info_path = os.path.join(directory, "dataset_info.json")
+    splits = []
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            splits = [s for s in json.load(f)["splits"] if s["name"] != split]
     info = {
         "fileFormat": "array_record",
         "name": name,
         "version": "1.0.0",
         "splits": [
+            *splits,
             {
                 "name": split,
-                "shardLengths": [str(num_videos)],
+                "shardLengths": [str(n) for n in shard_lengths],
                 "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
-            }
+            },
         ],
     }
     features = {
