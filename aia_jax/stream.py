@@ -5,7 +5,8 @@
     python -m aia_jax.predict --checkpoint DIR --stream video.mp4 --json
 
 The networks classify whole clips, so a stream is classified over a sliding window: the last
-`window_seconds` of frames (at the stream's frame rate), sampled as `predict` samples a video
+`window_seconds` of frames (at the stream's frame rate; `DEFAULT_FPS` where it says none, or
+one outside [`MIN_FPS`, `MAX_FPS`]), sampled as `predict` samples a video
 (`num_segments` segment centres, or the dense clip of a `dense3d` workdir), every `every` new
 frames (a window is never shorter than the clip it samples: a dense clip spans
 `(clip_len - 1) * frame_interval + 1` frames). Each frame is resized and centre-cropped once, as
@@ -26,10 +27,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from aia_jax.errors import UserError, checked_positive_int
 
-DEFAULT_FPS = 25.0  # where the stream does not say its frame rate
+DEFAULT_FPS = 25.0  # where the stream does not say its frame rate, or says an implausible one
+# Frame rates trusted from a container. Outside, it is a time base or a broken header (a live
+# MPEG-TS stream saying 90000 fps), and `window_seconds` of it would be a window of millions of
+# frames, or of less than one.
+MIN_FPS, MAX_FPS = 1.0, 1000.0
 
 
 def is_live(source: str, input_format: str | None = None) -> bool:
@@ -54,11 +60,30 @@ def open_source(
     return container
 
 
-def frame_rate(container: Any) -> float | None:
-    """Frames per second of the first video stream, where the container says."""
+def frame_rate(container: Any, source: str = "") -> float | None:
+    """Frames per second of the first video stream, where the container says a plausible rate.
+
+    A rate outside [`MIN_FPS`, `MAX_FPS`] is not trusted: None, with a warning naming `source`
+    (the caller then uses `DEFAULT_FPS`).
+    """
     stream = container.streams.video[0]
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    return float(rate) if rate else None
+    if not rate:
+        return None
+    fps = float(rate)
+    if not MIN_FPS <= fps <= MAX_FPS:  # also NaN
+        logging.warning(
+            "%s: the stream says %g frames per second, outside [%g, %g]: taking %g (a window "
+            "is window_seconds × %g frames)",
+            source or "the stream",
+            fps,
+            MIN_FPS,
+            MAX_FPS,
+            DEFAULT_FPS,
+            DEFAULT_FPS,
+        )
+        return None
+    return fps
 
 
 def decoded_frames(container: Any, source: str) -> Iterator[tuple[float | None, np.ndarray]]:
@@ -140,7 +165,7 @@ def predict_stream(
     settings = predict.preprocessing_settings(checkpoint, resize=resize, crop_size=crop_size)
     geometry = predict.eval_geometry(settings)
     container = open_source(source, input_format, options)
-    fps = frame_rate(container) or DEFAULT_FPS
+    fps = frame_rate(container, source) or DEFAULT_FPS
     # A window shorter than the clip would wrap it around (a dense clip of 8 frames 8 apart
     # spans 57 frames, more than 2 s at 25 fps): such a window is widened to fit the clip.
     size = max(predict.clip_span(model.num_segments, settings), round(window_seconds * fps))

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -575,3 +576,64 @@ def test_printed_prediction_names_the_clip_it_sampled():
     )
     dense = {**result, "settings": {**settings, "sampling": "dense3d", "frame_interval": 8}}
     assert "v.mp4: 4 frames 8 apart, centre crop 32x32" in predict.format_prediction(dense)
+
+
+class _FakeContainer:
+    """A container whose video stream says `rate` fps and holds `frames` grey frames."""
+
+    def __init__(self, rate, frames: int = 0):
+        import types
+
+        video = types.SimpleNamespace(average_rate=rate, guessed_rate=None, base_rate=None)
+        self.streams = types.SimpleNamespace(video=[video])
+        self._frames = frames
+
+    def decode(self, video: int):
+        import types
+
+        for i in range(self._frames):
+            image = np.full((36, 44, 3), 4 * i, np.uint8)
+            yield types.SimpleNamespace(time=i / 25, to_ndarray=lambda format, x=image: x)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "rate, expected",
+    [
+        (Fraction(30000, 1001), 30000 / 1001),
+        (Fraction(90000), None),
+        (1e6, None),
+        (Fraction(1, 1000), None),
+        (0, None),
+        (None, None),
+        (Fraction(1000), 1000.0),
+    ],
+)
+def test_stream_frame_rate_outside_the_plausible_is_not_trusted(rate, expected, caplog):
+    """A live stream's time base or a broken header (90000 or 1e6 fps, 0.001) would make the
+    window millions of frames (memory) or just the clip: warned, and the default taken."""
+    from aia_jax import stream
+
+    with caplog.at_level("WARNING"):
+        assert stream.frame_rate(_FakeContainer(rate), "rtsp://camera") == expected
+    warned = [r.getMessage() for r in caplog.records]
+    if expected is None and rate:
+        (message,) = warned
+        assert message.startswith(f"rtsp://camera: the stream says {float(rate):g} frames per")
+        assert "taking 25" in message
+    else:
+        assert warned == []
+
+
+def test_stream_with_an_implausible_frame_rate_keeps_a_default_window(model_dir, monkeypatch):
+    from aia_jax import stream
+
+    monkeypatch.setattr(stream, "open_source", lambda *a, **k: _FakeContainer(Fraction(90000), 60))
+    results = list(
+        stream.predict_stream(model_dir, "x.ts", window_seconds=2.0, resize=(36, 44), crop_size=S)
+    )
+    # 2 s at 25 fps: 50 frames, a prediction every 12; not 180000 frames, never full.
+    assert [r["frame"] for r in results] == [49]
+    assert {(r["window"], r["fps"]) for r in results} == {(50, 25.0)}

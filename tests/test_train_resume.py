@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -212,3 +213,110 @@ def test_a_changed_num_epochs_is_noted_on_resume(env, tmp_path, monkeypatch):  #
     with pytest.raises(UserError, match="network differs"):
         train.run(c, workdir)
     assert not [n for n in notes if n.startswith("num_epochs")]
+
+
+def _record(workdir: str, config) -> None:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(json.loads(config.to_json_best_effort()), f)
+
+
+def test_resume_with_another_seed_or_training_set_is_refused(env, tmp_path):  # noqa: F811
+    """The saved data position counts examples of the recorded training set in its seed's
+    shuffle: with another set or seed it would silently index other examples."""
+    workdir = str(tmp_path / "w")
+    _save(workdir, 1)
+    recorded = tiny_config(env["data_dir"])
+    recorded.seed = 3
+    _record(workdir, recorded)
+    with pytest.raises(UserError) as e:
+        train.run(tiny_config(env["data_dir"]), workdir)
+    assert str(e.value) == (
+        f"{workdir}/config.json: the run in this workdir trained on seed 3, this config 0 (the "
+        "saved data position is a place in its shuffle); resume with --config.seed=3, or use a "
+        "new workdir"
+    )
+    recorded.seed = 0
+    recorded.data.synthetic_num_train = 48
+    _record(workdir, recorded)
+    with pytest.raises(UserError, match=r"trained on data.synthetic_num_train 48, this config 64"):
+        train.run(tiny_config(env["data_dir"]), workdir)
+    Checkpoints(workdir).close()  # freed by the refused runs
+
+
+def _frames_config(root: str, **data):
+    from aia_jax.train import config as config_lib
+
+    c = config_lib.get_config()
+    c.data.source, c.data.preset, c.data.root = "frames", "something_v1", root
+    c.data.update(data)
+    return c
+
+
+def _check_same_data(monkeypatch, workdir: str, recorded, config) -> list[str]:
+    """`run._check_same_data` of `config` against `recorded`; returns the notes it gave."""
+    import importlib
+
+    run_module = importlib.import_module("aia_jax.train.run")
+    _record(workdir, recorded)
+    notes: list[str] = []
+    monkeypatch.setattr(run_module, "note", notes.append)
+    run_module._check_same_data(workdir, config)
+    return notes
+
+
+def test_resume_names_the_training_data_field_that_changed(tmp_path, monkeypatch):
+    """Fields that decide the training examples are compared as the user wrote them (a preset's
+    values count as the preset's); another spelling of the same path, or a field that only
+    changes evaluation or speed, may change."""
+    workdir, root = str(tmp_path), str(tmp_path / "data")
+    os.makedirs(root)
+    recorded = _frames_config(root)
+    refused = {
+        "data.preset 'something_v1', this config 'something_v2'": _frames_config(
+            root, preset="something_v2"
+        ),
+        "data.train_list 'train_videofolder.txt', this config 'mine.txt'": _frames_config(
+            root, train_list="mine.txt"
+        ),
+        f"data.root '{root}', this config '{tmp_path}'": _frames_config(str(tmp_path)),
+        "data.source 'frames', this config 'videos'": _frames_config(root, source="videos"),
+        "data.media_dir '20bn-something-something-v1', this config 'frames'": _frames_config(
+            root, media_dir="frames"
+        ),
+    }
+    for expected, config in refused.items():
+        with pytest.raises(UserError) as e:
+            _check_same_data(monkeypatch, workdir, recorded, config)
+        key, value = expected.split(",")[0].split(" ")  # e.g. data.preset 'something_v1'
+        assert str(e.value) == (
+            f"{workdir}/config.json: the run in this workdir trained on {expected} (the saved "
+            f"data position counts examples of that training set); resume with --config.{key}="
+            f"{value}, or use a new workdir"
+        )
+    # The same training set, spelt otherwise, and fields that only change evaluation or speed.
+    monkeypatch.chdir(tmp_path)
+    same = [
+        _frames_config("data"),  # relative
+        _frames_config(root + "/", train_list="train_videofolder.txt"),  # the preset's own
+        _frames_config(root, train_list=os.path.join(root, "train_videofolder.txt")),
+        _frames_config(root, val_list="other.txt", num_workers=0, prefetch_buffer=8),
+    ]
+    for config in same:
+        assert _check_same_data(monkeypatch, workdir, recorded, config) == []
+    # A data set staged at another place (its recorded root gone): said, not refused.
+    moved = _frames_config(str(tmp_path / "gone"))
+    notes = _check_same_data(monkeypatch, workdir, moved, recorded)
+    assert notes == [
+        f"data.root '{tmp_path}/gone' → '{root}' since the run in this workdir started (the old "
+        "one is gone): resuming on the assumption that the data set moved"
+    ]
+    # TFDS: its name, split and folder.
+    tfds = _frames_config("", source="tfds", preset="", tfds_name="ucf101", data_dir=root)
+    for field, value in (("tfds_name", "hmdb51"), ("train_split", "train[:50%]")):
+        other = _frames_config("", source="tfds", preset="", tfds_name="ucf101", data_dir=root)
+        other.data[field] = value
+        with pytest.raises(UserError, match=f"trained on data.{field} "):
+            _check_same_data(monkeypatch, workdir, tfds, other)
+    tfds_default = _frames_config("", source="tfds", preset="", tfds_name="ucf101")
+    with pytest.raises(UserError, match=re.escape(f"data.data_dir '{root}', this config ''")):
+        _check_same_data(monkeypatch, workdir, tfds, tfds_default)

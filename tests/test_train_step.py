@@ -290,3 +290,32 @@ def test_coordinator_without_a_process_count_is_refused(monkeypatch):
     monkeypatch.delenv(mesh_lib.ENV_PROCESS_ID)
     mesh_lib.initialize_distributed({"num_processes": 1})  # one process: nothing to join
     assert jax.process_count() == 1
+
+
+def test_auto_process_group_passes_on_the_fields_that_are_set(monkeypatch):
+    """JAX's cluster detection fills in only the arguments left None: a set coordinator (e.g. a
+    fixed port), process count or id must reach it, not be dropped."""
+    for name in (mesh_lib.ENV_COORDINATOR, mesh_lib.ENV_NUM_PROCESSES, mesh_lib.ENV_PROCESS_ID):
+        monkeypatch.delenv(name, raising=False)
+    calls: list[dict] = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    address = "10.0.0.1:1234"
+    for cfg, expected in (
+        ({"auto": True}, {}),
+        ({"auto": True, "coordinator_address": address}, {"coordinator_address": address}),
+        ({"auto": True, "num_processes": 4, "process_id": -1}, {"num_processes": 4}),
+        (
+            {"auto": True, "coordinator_address": address, "num_processes": 4, "process_id": 2},
+            {"coordinator_address": address, "num_processes": 4, "process_id": 2},
+        ),
+    ):
+        calls.clear()
+        mesh_lib.initialize_distributed(cfg)
+        assert calls == [expected], cfg
+    monkeypatch.setenv(mesh_lib.ENV_PROCESS_ID, "3")  # the environment counts as set too
+    calls.clear()
+    mesh_lib.initialize_distributed({"auto": True, "coordinator_address": address})
+    assert calls == [{"coordinator_address": address, "process_id": 3}]
+    with pytest.raises(UserError, match=r"^distributed.process_id 3 .* expected 0 to 1"):
+        mesh_lib.initialize_distributed({"auto": True, "num_processes": 2})

@@ -33,7 +33,9 @@ def initialize_distributed(cfg: Mapping[str, Any] | None = None) -> None:
     Must run before anything touches a JAX backend. Settings come from `cfg`
     (`coordinator_address`, `num_processes`, `process_id`, `auto`) and otherwise from the
     environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`). With
-    `auto=True`, JAX's cluster detection (TPU pods, SLURM, Open MPI) fills in everything.
+    `auto=True`, JAX's cluster detection (TPU pods, SLURM, Open MPI) fills in those left unset
+    (e.g. a fixed coordinator port with the process count and id from SLURM); the set ones are
+    passed on as they are.
 
     Args:
       cfg: the config's `distributed` block, or None.
@@ -44,37 +46,48 @@ def initialize_distributed(cfg: Mapping[str, Any] | None = None) -> None:
     pid = cfg.get("process_id", -1)
     if pid is None or pid < 0:
         pid = _env_int(ENV_PROCESS_ID, -1)
+    auto = bool(cfg.get("auto"))
     if jax.distributed.is_initialized():
         return
-    if not address and not cfg.get("auto") and (num > 1 or (pid >= 0 and num != 1)):
+    if not address and not auto and (num > 1 or (pid >= 0 and num != 1)):
         # Without it every host would train alone, all into the same workdir.
         raise UserError(
             f"distributed.num_processes {num}, process_id {pid} but no coordinator_address "
             f"(or {ENV_COORDINATOR}): set it to process 0's host:port, or auto=True"
         )
-    if address and not cfg.get("auto") and num < 1:
+    if address and not auto and num < 1:
         # Else a coordinator without a process count would be ignored: each host alone.
         raise UserError(
             f"distributed.coordinator_address {address!r} but no num_processes (or "
             f"{ENV_NUM_PROCESSES}): set it to the number of processes (1: one host), or "
             "auto=True"
         )
-    if address and num > 1:
+    if ((address and num > 1) or auto) and num > 0 and pid >= num:
+        raise UserError(
+            f"distributed.process_id {pid} (or {ENV_PROCESS_ID}): expected 0 to {num - 1} "
+            f"with num_processes={num}"
+        )
+    if address and num > 1 and not auto:
         if pid < 0:
             raise UserError(
                 f"process_id is required with num_processes={num} (or {ENV_PROCESS_ID})"
             )
-        if pid >= num:
-            raise UserError(
-                f"distributed.process_id {pid} (or {ENV_PROCESS_ID}): expected 0 to {num - 1} "
-                f"with num_processes={num}"
-            )
         logging.info("Joining %d processes at %s as process %d.", num, address, pid)
         jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
-    elif cfg.get("auto"):
-        logging.info("Joining the process group found by JAX's cluster detection.")
+    elif auto:
+        # JAX detects only the arguments left None.
+        given = {
+            "coordinator_address": address or None,
+            "num_processes": num if num > 0 else None,
+            "process_id": pid if pid >= 0 else None,
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        logging.info(
+            "Joining the process group found by JAX's cluster detection%s.",
+            f" ({', '.join(f'{k}={v}' for k, v in given.items())} as set)" if given else "",
+        )
         try:
-            jax.distributed.initialize()
+            jax.distributed.initialize(**given)
         except ValueError as e:  # e.g. 'coordinator_address should be defined.'
             raise UserError(
                 f"distributed.auto=True but JAX's cluster detection found no cluster (TPU pod, "

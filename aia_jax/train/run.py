@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -279,6 +279,7 @@ def _run(
         note(f"resuming from {ckpts.directory}/{latest}")
         _check_same_model(workdir, meta)
         _check_same_batch(workdir, batch_size)
+        _check_same_data(workdir, cfg)
         _note_changed_length(workdir, cfg, total_steps)
         if latest > total_steps:
             # Else the loop would not run and the run would report itself finished at `latest`.
@@ -597,6 +598,112 @@ def _check_same_batch(workdir: str, batch_size: int) -> None:
             f"{batch_size} (its epochs and learning-rate schedule would no longer match); "
             f"resume with --config.batch_size={recorded}, or use a new workdir"
         )
+
+
+# The fields that decide which examples a run trains on, by data source: the saved data position
+# indexes those examples in the order that `seed` shuffles them. (The validation and test lists,
+# workers, prefetch and the like may change on resume.)
+_TRAINING_DATA = {
+    "frames": ("root", "media_dir", "train_list"),
+    "videos": ("root", "media_dir", "train_list"),
+    "tfds": ("tfds_name", "train_split", "data_dir"),
+    "synthetic": ("synthetic_num_train", "synthetic_seed"),
+}
+# Where the data lies (rather than which data it is): compared as paths, see `_same_path`.
+_LOCATIONS = ("root", "media_dir", "train_list", "data_dir")
+
+
+def _with_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with its preset's source and training paths where left empty (as
+    `aia_jax.data.resolve` fills them), so that a preset and its own values compare equal."""
+    from aia_jax.data import presets
+    from aia_jax.data.errors import DataError
+
+    filled = dict(data)
+    try:
+        preset = presets.get(filled["preset"]) if filled.get("preset") else None
+    except DataError:  # a preset this version lacks: compare the fields as written
+        return filled
+    if preset is not None:
+        if filled.get("source", "synthetic") == "synthetic":
+            filled["source"] = preset.source
+        for key in ("media_dir", "train_list"):
+            if not filled.get(key):
+                filled[key] = getattr(preset, key)
+    return filled
+
+
+def _same_path(key: str, old: str, new: str, old_root: str, new_root: str) -> bool | None:
+    """Whether `old` and `new` (config `data.<key>`, as written) name the same path: True, False,
+    or None when they differ but `old` is gone (the data set was moved, e.g. staged elsewhere).
+
+    Relative list and media paths hang off their root: as written, they name a file of the data
+    set wherever its root lies (the root is compared on its own).
+    """
+    if old == new or (old and new and os.path.normpath(old) == os.path.normpath(new)):
+        return True
+    if key == "data_dir" and not (old and new):  # '' is TFDS's default folder, not the cwd
+        return False
+    relative = key in ("media_dir", "train_list")
+    if relative and not (os.path.isabs(old) or os.path.isabs(new)):
+        return False
+    where_old = os.path.abspath(os.path.join(old_root, old) if relative else old)
+    where_new = os.path.abspath(os.path.join(new_root, new) if relative else new)
+    if where_old == where_new:  # relative and absolute spellings of one path
+        return True
+    return None if not os.path.exists(where_old) else False
+
+
+def _check_same_data(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a run recorded (its `config.json`) with other training data or seed.
+
+    The saved data position is a count of examples read from the recorded training set in the
+    order its `seed` shuffles them: with another set (source, preset, list, root, TFDS name or
+    split) or seed it would silently index other examples. A recorded root or list path that no
+    longer exists is taken as the same data moved, and said. Fields `config.json` lacks are
+    not compared.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    recorded = _recorded_config(workdir)
+
+    def refuse(key: str, old: Any, new: Any, why: str) -> NoReturn:
+        raise UserError(
+            f"{path}: the run in this workdir trained on {key} {old!r}, this config {new!r} "
+            f"({why}); resume with --config.{key}={old!r}, or use a new workdir"
+        )
+
+    if "seed" in recorded and recorded["seed"] != cfg.seed:
+        refuse(
+            "seed", recorded["seed"], cfg.seed, "the saved data position is a place in its shuffle"
+        )
+    if not isinstance(recorded.get("data"), dict):
+        return
+    old, new = _with_preset(recorded["data"]), _with_preset(cfg.data.to_dict())
+    why = "the saved data position counts examples of that training set"
+
+    def differs(key: str) -> NoReturn:
+        from_preset = old[key] != recorded["data"].get(key) or new[key] != cfg.data[key]
+        if from_preset and old.get("preset", "") != new["preset"]:
+            key = "preset"  # name what the user set, not the preset's value of it
+        refuse(f"data.{key}", old[key], new[key], why)
+
+    if "source" in old and old["source"] != new["source"]:
+        differs("source")
+    for key in _TRAINING_DATA.get(new["source"], ()):
+        if key not in old or old[key] == new[key]:
+            continue
+        same = (
+            _same_path(key, old[key], new[key], old.get("root", ""), new["root"])
+            if key in _LOCATIONS
+            else False
+        )
+        if same is False:
+            differs(key)
+        if same is None:
+            note(
+                f"data.{key} {old[key]!r} → {new[key]!r} since the run in this workdir started "
+                f"(the old one is gone): resuming on the assumption that the data set moved"
+            )
 
 
 def _note_changed_length(workdir: str, cfg: ml_collections.ConfigDict, total_steps: int) -> None:
