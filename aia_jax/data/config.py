@@ -78,24 +78,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise DataError(unknown)
     if c.source not in SOURCES:
         raise DataError(f"config.data.source {c.source!r}: expected one of {SOURCES}")
-    preset_name = c.preset or ("synthetic" if c.source == "synthetic" else "")
-    if preset_name:
-        p = presets.get(preset_name)
-        # source 'synthetic' is the default, so a named dataset preset means its own source.
-        if c.source == "synthetic":
-            c.source = p.source
-        for field in (
-            "media_dir",
-            "train_list",
-            "val_list",
-            "test_list",
-            "filename_template",
-            "num_classes",
-        ):
-            if not c[field]:
-                c[field] = getattr(p, field)
-        if c.flip_map is None:
-            c.flip_map = [list(pair) for pair in p.flip_pairs]
+    fill_from_preset(c)
     if not c.filename_template:
         c.filename_template = "{:05d}.jpg"
     if c.flip_map is None:
@@ -106,6 +89,34 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         c.num_classes = c.num_classes or synthetic.NUM_CLASSES
     _check(c)
     return c
+
+
+_PRESET_FIELDS = (
+    "media_dir",
+    "train_list",
+    "val_list",
+    "test_list",
+    "filename_template",
+    "num_classes",
+)
+
+
+def fill_from_preset(c: Any) -> None:
+    """Fills the fields of data config `c` (a ConfigDict or dict) left '' / 0 / None from its
+    preset, in place; a named preset also gives its source where `source` is left at the
+    default 'synthetic'. Fields `c` lacks are left out (an older run's recorded config)."""
+    preset_name = c.get("preset") or ("synthetic" if c.get("source") == "synthetic" else "")
+    if not preset_name:
+        return
+    p = presets.get(preset_name)
+    # source 'synthetic' is the default, so a named dataset preset means its own source.
+    if c.get("source", "synthetic") == "synthetic":
+        c["source"] = p.source
+    for field in _PRESET_FIELDS:
+        if field in c and not c[field]:
+            c[field] = getattr(p, field)
+    if "flip_map" in c and c["flip_map"] is None:
+        c["flip_map"] = [list(pair) for pair in p.flip_pairs]
 
 
 def _check(c: ml_collections.ConfigDict) -> None:

@@ -289,6 +289,14 @@ class TfdsSource:
         self.video_key, self.label_key = video_key, label_key
         self._reader: Any = None
         self.raw = False
+        # Once, here (not in every reading worker): TFDS's own errors for a bad split spec lack
+        # the split names, and a reversed slice ('train[5:2]') only fails later, as a negative
+        # length. A dataset not found or unreadable here is left to `_open` to explain.
+        prepared = None
+        with contextlib.suppress(DataError, OSError, ValueError):
+            prepared = _prepared_dataset(self.name, self.data_dir)
+        if prepared is not None:
+            _split_instructions(self.split, *prepared)
         self._length = len(self._open())
         self._check_keys()
         self.num_classes, self.class_names = self._label_info()
@@ -305,14 +313,6 @@ class TfdsSource:
 
         tfds.disable_progress_bar()
         if not self.raw:
-            # TFDS's own errors for a bad split spec lack the split names, and a reversed slice
-            # ('train[5:2]') only fails later, as a negative length. A dataset not found or
-            # unreadable here is left to TFDS to explain, below.
-            prepared = None
-            with contextlib.suppress(DataError, OSError, ValueError):
-                prepared = _prepared_dataset(self.name, self.data_dir)
-            if prepared is not None:
-                _split_instructions(self.split, *prepared)
             try:
                 # TFDS prints a banner to stdout when a feature needs the absent TensorFlow.
                 with contextlib.redirect_stdout(io.StringIO()):

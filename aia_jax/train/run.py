@@ -614,22 +614,14 @@ _LOCATIONS = ("root", "media_dir", "train_list", "data_dir")
 
 
 def _with_preset(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` with its preset's source and training paths where left empty (as
-    `aia_jax.data.resolve` fills them), so that a preset and its own values compare equal."""
-    from aia_jax.data import presets
+    """`data` with its preset's values where left empty (`aia_jax.data.config.fill_from_preset`,
+    as training fills them), so that a preset and its own values compare equal."""
+    from aia_jax.data.config import fill_from_preset
     from aia_jax.data.errors import DataError
 
     filled = dict(data)
-    try:
-        preset = presets.get(filled["preset"]) if filled.get("preset") else None
-    except DataError:  # a preset this version lacks: compare the fields as written
-        return filled
-    if preset is not None:
-        if filled.get("source", "synthetic") == "synthetic":
-            filled["source"] = preset.source
-        for key in ("media_dir", "train_list"):
-            if not filled.get(key):
-                filled[key] = getattr(preset, key)
+    with contextlib.suppress(DataError):  # a preset this version lacks: compare as written
+        fill_from_preset(filled)
     return filled
 
 
