@@ -290,7 +290,9 @@ def jax_clips(batch: int, frames: int, size: int, seed: int = 0) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
 
 
-def jax_model(name: str, dtype: str, frames: int = 8, impl: str | None = None) -> models.VideoNet:
+def jax_model(
+    name: str, dtype: str, frames: int = 8, impl: str | None = None, remat: bool = False
+) -> models.VideoNet:
     """The network of `name`; `impl` is its attention computation (None: the library default)."""
     return models.create(
         name,
@@ -298,6 +300,7 @@ def jax_model(name: str, dtype: str, frames: int = 8, impl: str | None = None) -
         num_segments=frames,
         dtype=DTYPES[dtype],
         attention_impl=impl or models.DEFAULT_IMPL,
+        remat=remat,
     )
 
 

@@ -23,6 +23,10 @@ peak, or on CPU the C heap sampled every millisecond, as its CPU allocator keeps
 the first `--torch-dtypes`. GFLOP/s is XLA's FLOP count of the JAX step (`cost_analysis`) over
 its median time, and MFU % that over the peak `common.assumed_peak` prints (`--peak-tflops`
 overrides it); the PyTorch columns give time, clips/s and the JAX/PyTorch time ratio, no MFU.
+
+`--remat` adds the same network with `remat=True` (each backbone block recomputed in the
+backward pass) to every training row, timed in the same round-robin: its time, its time over
+the plain step's and its compiled peak memory.
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ def run_config(args, form: str, placement: str, dtype: str, batch: int, mode: st
     row["compile_s"] = secs
     row.update(common.cost(compiled))
     fns = {"jax": jax_fn}
+    if args.remat and mode == "train":
+        remat_model = common.jax_model(name, dtype, args.frames, args.impl, remat=True)
+        fns["remat"], remat_compiled, row["remat_compile_s"] = common.compiled_runner(
+            remat_model, variables, clips, labels, mode
+        )
+        row.update({f"remat_{k}": v for k, v in common.cost(remat_compiled).items()})
     with_torch = form in common.TORCH_FORMS and not args.no_torch
     torch_dtypes = (args.torch_dtypes or [dtype]) if with_torch else []
     if torch_dtypes:
@@ -85,6 +95,9 @@ def fmt_rows(rows: list[dict], mode: str, peak: float) -> str:
         head += f" PT {d} ms median (min) | PT {d} clips/s | JAX/PT {d} time |"
     if torch_dtypes:
         head += f" PT {torch_dtypes[0]} mem+ MiB |"
+    with_remat = any("remat_ms_median" in r for r in rows)
+    if with_remat:
+        head += " remat ms median (min) | remat / JAX time | remat XLA peak (temp) MiB |"
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         name = common.model_name(r["form"], r["placement"])
@@ -105,6 +118,14 @@ def fmt_rows(rows: list[dict], mode: str, peak: float) -> str:
         if torch_dtypes:
             growth = r.get("torch_mem_growth_bytes")
             line += f" {growth / 2**20:.0f} |" if growth is not None else " – |"
+        if with_remat:
+            rmed = r.get("remat_ms_median")
+            if rmed is None:
+                line += " – | – | – |"
+            else:
+                line += f" {rmed:.0f} ({r['remat_ms_min']:.0f}) | {rmed / med:.2f} |"
+                line += f" {r.get('remat_peak_bytes', float('nan')) / 2**20:.0f}"
+                line += f" ({r.get('remat_temp_bytes', float('nan')) / 2**20:.0f}) |"
         out.append(line)
     return "\n".join(out)
 
@@ -119,6 +140,12 @@ def main() -> None:
         default=None,
         help="PyTorch dtypes timed beside each JAX row, float32 (eager) and/or bfloat16 "
         "(autocast); default: the row's own dtype",
+    )
+    parser.add_argument(
+        "--remat",
+        action="store_true",
+        help="also time each training row with remat=True (blocks recomputed in the backward "
+        "pass), in the same round-robin",
     )
     args = parser.parse_args()
     common.check_common_flags(parser, args)

@@ -4,7 +4,8 @@ Every config file under configs/ is `get_config()` returning an `ml_collections.
 with these fields (override any of them on the command line, e.g. `--config.optimizer.lr=0.02`):
 
 - `model`: `name` (a release name, see `aia_jax.models.valid_names()`), `depth`, `width`,
-  `dropout`, `num_segments`.
+  `dropout`, `num_segments`, `attention_impl`, `remat` (recompute each block's activations in
+  the backward pass: less memory, more time).
 - `data`: `aia_jax.data.get_config()` fields (source, preset, root, lists, sampling, sizes, …).
 - `optimizer`: `lr` given per `reference_batch_size` clips and scaled linearly to the global
   `batch_size`; `momentum`, `weight_decay`, `schedule` ('step' with `lr_steps` epochs and

@@ -462,3 +462,26 @@ def test_a_url_workdir_is_refused_not_made_a_local_folder(tmp_path, monkeypatch)
         "give a local path or the bucket's mount point (e.g. gcsfuse)"
     )
     assert os.listdir(tmp_path) == []
+
+
+def test_model_remat_reaches_the_network(env, tmp_path, monkeypatch):
+    """`--config.model.remat=True` builds the network with remat (stopped before compiling)."""
+    import importlib
+
+    run_module = importlib.import_module("aia_jax.train.run")
+    built = {}
+
+    class Built(Exception):
+        pass
+
+    def create(name, **kwargs):
+        built.update(kwargs)
+        raise Built
+
+    monkeypatch.setattr(run_module, "_create_model", create)
+    c = tiny_config(env["data_dir"])
+    for remat in (True, False):
+        c.model.remat = remat
+        with pytest.raises(Built):
+            train.run(c, str(tmp_path / "w"))
+        assert built["remat"] is remat

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aia_jax.models import fused
 from aia_jax.models.attention import DEFAULT_IMPL, apply_placement
 from aia_jax.models.layers import BatchNorm, Conv, max_pool
 
@@ -228,6 +229,40 @@ class Bottleneck(nn.Module):
         return nn.relu(y + residual)
 
 
+def _run_block(block: Bottleneck, x: jax.Array, *, train: bool, remat: bool) -> jax.Array:
+    """`block(x, train=train)`; with `remat`, its activations recomputed in the backward pass.
+
+    Not `nn.remat`/`jax.checkpoint`: XLA:CPU drops their optimization barrier and merges the
+    recomputation back into the forward pass (a ResNet-50 step kept 79 % of its temporaries,
+    bench/RESULTS.md §4), and nothing ties it to the backward pass on any backend. Here the
+    forward pass keeps only the block's input and variables (`jax.custom_vjp` through
+    `nn.custom_vjp`), and the backward pass reruns the block from a copy of that input which
+    depends on the output's cotangent (`fused.materialize`): XLA can neither merge nor hoist it.
+    """
+    if not remat:
+        return block(x, train=train)
+    unbound = block.clone(parent=None)
+
+    def forward(module: Bottleneck, v: jax.Array):
+        return module(v, train=train), (module.variables, v)
+
+    def backward(residuals, dy: jax.Array):
+        variables, v = residuals
+        # A batch of no clips has no element to anchor on; any traced value serves to copy it.
+        v = fused.materialize(v, dy if dy.size else jax.tree.leaves(variables["params"])[0])
+
+        def rerun(params, v):
+            out, _ = unbound.apply({**variables, "params": params}, v, train=train, mutable=True)
+            return out
+
+        _, vjp = jax.vjp(rerun, variables["params"], v)
+        d_params, dx = vjp(dy)
+        return {"params": d_params}, dx
+
+    run = nn.custom_vjp(lambda module, v: module(v, train=train), forward, backward)
+    return run(block, x)
+
+
 def check_shift_place(shift_place: str) -> None:
     """Raises `ValueError` unless `shift_place` is one of `SHIFT_PLACES`."""
     if shift_place not in SHIFT_PLACES:
@@ -268,6 +303,10 @@ class ResNet(nn.Module):
       partial_bn: TSN's partial BN — every backbone BatchNorm but the stem's `bn1` runs on its
         running statistics in training. The attention's gate BatchNorms are not affected (the
         release freezes `BatchNorm2d` layers only; the gates' are 3D).
+      remat: recompute each bottleneck's activations in the backward pass instead of keeping
+        them (as mmaction2's `with_cp`; see `_run_block`): a training step keeps only the
+        blocks' inputs, for about one more forward pass of compute. Same parameters, same
+        values; reverse mode only (`jax.jvp` needs remat off); no effect without a gradient.
     """
 
     depth: int = 50
@@ -282,6 +321,7 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = DEFAULT_IMPL
+    remat: bool = False
 
     @property
     def stage_sizes(self) -> Sequence[int]:
@@ -335,7 +375,7 @@ class ResNet(nn.Module):
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
                 selected = carries_attention(block, num_blocks)
-                x = Bottleneck(
+                block_module = Bottleneck(
                     planes=planes,
                     strides=strides,
                     downsample=block == 0 and (strides != 1 or in_channels != planes * 4),
@@ -350,7 +390,10 @@ class ResNet(nn.Module):
                     param_dtype=self.param_dtype,
                     attention_impl=self.attention_impl,
                     name=f"layer{stage + 1}_{block}",
-                )(x, train=train)
+                )
+                # Initialisation only creates the variables: there is no gradient to save memory in.
+                remat = self.remat and not self.is_initializing()
+                x = _run_block(block_module, x, train=train, remat=remat)
                 in_channels = planes * 4
 
         # Global average pool over space (and time for I3D), accumulated in float32 (in float64

@@ -76,6 +76,7 @@ class VideoNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = DEFAULT_IMPL
+    remat: bool = False
 
     @nn.compact
     def __call__(self, clips: jax.Array, *, train: bool) -> jax.Array:
@@ -112,6 +113,7 @@ class VideoNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             attention_impl=self.attention_impl,
+            remat=self.remat,
             name="base_model",
         )(frames, train=train)
         if not head_in_base:
@@ -143,6 +145,7 @@ def create(
     shift_place: str = "blockres",
     partial_bn: bool = False,
     attention_impl: str = DEFAULT_IMPL,
+    remat: bool = False,
 ) -> VideoNet:
     """Builds a network from a release name.
 
@@ -159,6 +162,8 @@ def create(
       partial_bn: TSN's partial BN (see `ResNet`); off in the release's recipes.
       attention_impl: 'fused' (default: hand-written gradients, measured in bench/RESULTS.md)
         or 'xla' (plain jnp + autodiff, the reference); the parameters are the same.
+      remat: recompute each backbone block in the backward pass rather than keep its
+        activations (see `ResNet`): less memory in training for more compute; same values.
 
     Returns:
       The `VideoNet` module; apply it as `module.apply(variables, clips, train=False)`.
@@ -173,6 +178,8 @@ def create(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if attention_impl not in IMPLS:
         raise ValueError(f"attention_impl must be one of {IMPLS}, got {attention_impl!r}")
+    if remat not in (True, False):  # a string ('false') would be truthy
+        raise ValueError(f"remat must be True or False, got {remat!r}")
     return VideoNet(
         num_classes=num_classes,
         form=spec.form,
@@ -184,6 +191,7 @@ def create(
         shift_place=shift_place,
         partial_bn=partial_bn,
         attention_impl=attention_impl,
+        remat=bool(remat),
         dtype=jnp.dtype(dtype),
         param_dtype=jnp.dtype(param_dtype),
     )

@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     )
     # How the attention is computed ('fused' or 'xla'); same parameters, see bench/RESULTS.md.
     c.model.attention_impl = models.DEFAULT_IMPL
+    # Recompute each backbone block in the backward pass (mmaction2's `with_cp`): a training
+    # step keeps only the blocks' inputs, for about one more forward pass (bench/RESULTS.md §4).
+    c.model.remat = False
     c.data = data.get_config()
     # One number: `--config.data.num_segments=16` changes the network's T as well.
     c.model.num_segments = c.data.get_ref("num_segments")

@@ -213,6 +213,7 @@ def _run(
         dtype=compute_dtype,
         partial_bn=partial_bn,
         attention_impl=cfg.model.get("attention_impl", models.DEFAULT_IMPL),
+        remat=cfg.model.get("remat", False),
     )
     note(geometry)  # only now, so that a bad data or model field is the run's first line
     opt_cfg = cfg.optimizer
@@ -521,7 +522,7 @@ def _create_model(name: str, **kwargs: Any) -> Any:
 
     try:
         return models.create(name, **kwargs)
-    except ValueError as e:  # an unknown name, depth, dropout, attention_impl, …
+    except ValueError as e:  # an unknown name, depth, dropout, attention_impl, remat, …
         raise UserError(f"config.model: {one_line(e)}") from None
 
 
