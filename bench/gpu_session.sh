@@ -15,6 +15,8 @@
 #                attention's cost with a paired 90 % interval.
 #   3. unit:     one CinST / STinC unit per ResNet-50 stage, `fused` against `xla`: which
 #                attention implementation the GPU should default to.
+#   4. remat:    the TSM_CinST_BN bf16 training step with and without `remat=True`: time
+#                ratio and peak memory (runs only if the parts above leave it the time).
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # A relative OUT is relative to where the command was started, not to the repository.
@@ -66,4 +68,6 @@ part overhead 220 bench/overhead.py --forms TSM --placements none,CinST,STinC \
   --dtype bfloat16 --batch-sizes "$BATCH" --size "$SIZE" --modes train,infer --reps 15
 part unit 150 bench/unit.py --units CinST,STinC --impls fused,xla --batch "$BATCH" \
   --dtype bfloat16 --reps 20
+part remat 120 bench/step.py --forms TSM --placements CinST --dtype bfloat16 \
+  --batch-sizes "$BATCH" --size "$SIZE" --modes train --remat --no-torch --reps 5 --warmup 2
 echo "done in ${SECONDS} s; logs in $OUT"
