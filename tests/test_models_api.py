@@ -3,6 +3,7 @@
 import inspect
 import re
 
+import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -324,3 +325,61 @@ def test_remat_computes_the_same_training_step():
 def test_create_checks_remat():
     with pytest.raises(ValueError, match="remat must be True or False, got 'false'"):
         models.create("TSM", num_classes=3, remat="false")
+
+
+def _explicit_mesh():
+    from jax.sharding import AxisType
+
+    return jax.make_mesh((8,), ("data",), (AxisType.Explicit,))
+
+
+def _on_mesh(mesh, tree, spec):
+    from jax.sharding import NamedSharding
+
+    return jax.device_put(tree, NamedSharding(mesh, spec))
+
+
+def test_dropout_under_explicit_sharding_is_flax_dropout():
+    # `jax.make_mesh` makes Explicit axes by default, and under them nn.Dropout's unsharded mask
+    # was refused for a batch-sharded input: a network could not be trained so. The same mask
+    # as nn.Dropout's from the same key, on one device and sharded.
+    from jax.sharding import PartitionSpec as P
+
+    from aia_jax.models.layers import Dropout
+
+    x = jax.random.normal(KEY, (8, 6))
+    rngs = {"dropout": jax.random.key(3)}
+    nn_dropout = jax.jit(
+        lambda x: flax_nn.Dropout(0.5).apply({}, x, deterministic=False, rngs=rngs)
+    )(x)
+    ours = jax.jit(lambda x: Dropout(0.5).apply({}, x, deterministic=False, rngs=rngs))
+    np.testing.assert_array_equal(ours(x), nn_dropout)
+    mesh = _explicit_mesh()
+    with jax.set_mesh(mesh):
+        got = ours(_on_mesh(mesh, x, P("data")))
+    np.testing.assert_array_equal(got, nn_dropout)
+    assert got.sharding.spec[0] == "data"
+
+
+def test_fused_gate_conv_under_explicit_sharding():
+    # The fused gate convolution indexed one element of the (batch-sharded) pooled map and
+    # joined unsharded zero slabs to it: both refused under Explicit axes. Same value and
+    # gradients as on one device.
+    from jax.sharding import PartitionSpec as P
+
+    from aia_jax.models import fused
+
+    p_max, p_mean = jax.random.normal(KEY, (2, 8, 5, 6, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 2, 1))
+
+    def loss(p_max, p_mean, kernel):
+        return jnp.sum(fused.gate_conv(p_max, p_mean, kernel) ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    want = step(p_max, p_mean, kernel)
+    mesh = _explicit_mesh()
+    with jax.set_mesh(mesh):
+        maps = _on_mesh(mesh, (p_max, p_mean), P("data"))
+        got = step(*maps, _on_mesh(mesh, kernel, P()))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)

@@ -268,24 +268,29 @@ pool.defvjp(_pool_fwd, _pool_bwd)
 # --- the gate convolution -------------------------------------------------------------------
 
 
-def _padded(v: jax.Array, width: int) -> jax.Array:
+def _padded(v: jax.Array, width: int, anchor: jax.Array) -> jax.Array:
     """`v` zero-padded by `width` on its three map axes, computed once into memory.
 
     The taps read it at 27 offsets per element, and XLA:CPU would fuse the padding into their
     loop as a bounds check on every read. It does not fuse an expensive op (a division) into a
     user that reads each element more than once, so the padded map is divided by an exact 1
-    that XLA cannot constant-fold (1 for any `v`, NaN included). The padding is written as
-    zero slabs joined on: XLA:CPU's loop for that runs 2× faster than its `pad` (a
-    `layer1` T gate's 58 × 58 × 66 map: ~50 against ~110 µs).
+    that XLA cannot constant-fold, made from an element of `anchor` (1 for any value, NaN
+    included): the gate's kernel, which is replicated where the map's batch is sharded (an
+    element of the map itself is on one device only, which explicit sharding refuses to
+    index) and has an element even when the batch is empty. The padding is written as zero
+    slabs joined on: XLA:CPU's loop for that runs 2× faster than its `pad` (a `layer1` T
+    gate's 58 × 58 × 66 map: ~50 against ~110 µs).
     """
-    one = None
-    if v.size:  # an empty map (a batch of 0 clips) has no element to probe, nor any to write
-        probe = v.reshape(-1)[0]
-        one = (probe != probe).astype(v.dtype) * 0 + 1
+    probe = anchor.reshape(-1)[0]
+    one = (probe != probe).astype(v.dtype) * 0 + 1
+    # The slabs take the map's sharding: joined to a batch-sharded map, an unsharded slab is
+    # refused under explicit sharding.
+    sharding = jax.typeof(v).sharding
     for axis in (3, 2, 1):
-        slab = jnp.zeros(v.shape[:axis] + (width,) + v.shape[axis + 1 :], v.dtype)
+        shape = v.shape[:axis] + (width,) + v.shape[axis + 1 :]
+        slab = jnp.zeros(shape, v.dtype, out_sharding=sharding)
         v = jnp.concatenate([slab, v, slab], axis=axis)
-    return v if one is None else v / one
+    return v / one
 
 
 def _interleaved_sum(terms: Iterable[jax.Array], chains: int = 4) -> jax.Array:
@@ -419,7 +424,7 @@ def _gate_conv(p_max: jax.Array, p_mean: jax.Array, kernel: jax.Array) -> jax.Ar
 def _gate_conv_fwd(p_max, p_mean, kernel):
     # The padded inputs are kept for the kernel gradient: padded again there, the padding would
     # be fused into its loop as a bounds check on each of the 27 reads of every element.
-    padded = (_padded(p_max, 1), _padded(p_mean, 1))
+    padded = (_padded(p_max, 1, kernel), _padded(p_mean, 1, kernel))
     out = _taps(padded, kernel.reshape(27, 2).astype(p_max.dtype))
     return materialize(out, kernel), (padded, kernel)
 
@@ -429,7 +434,7 @@ def _gate_conv_bwd(res, dout):
     dtype = padded[0].dtype
     w = kernel.reshape(27, 2).astype(dtype)
     # A wider cotangent than the output can arrive (a float32 gate in a float64 network).
-    wide = _padded(dout.astype(dtype), 2)
+    wide = _padded(dout.astype(dtype), 2, kernel)
     d_max = _transposed_taps(wide, w[:, 0])
     d_mean = _transposed_taps(wide, w[:, 1])
     dk = _kernel_grad(padded, wide).reshape(kernel.shape).astype(kernel.dtype)

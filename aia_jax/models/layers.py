@@ -264,3 +264,30 @@ class BatchNorm(nn.Module):
         mul = jax.lax.rsqrt(jnp.expand_dims(var, axes) + self.epsilon)
         y = y * (mul * scale.reshape(shape)) + bias.reshape(shape)
         return y.astype(self.dtype)
+
+
+class Dropout(nn.Module):
+    """`nn.Dropout` (the same mask from the same key), also under explicit sharding.
+
+    `nn.Dropout` draws its mask unsharded, and `lax.select` refuses a mask whose sharding is
+    not its inputs' when the mesh's axes are `Explicit` (`jax.make_mesh`'s default): a batch
+    sharded that way could not be trained. The mask here is drawn with the inputs' sharding;
+    its values do not depend on the sharding (JAX's partitionable threefry).
+
+    Attributes:
+      rate: the probability of dropping an element.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(
+            self.make_rng("dropout"), keep, x.shape, out_sharding=jax.typeof(x).sharding
+        )
+        return jax.lax.select(mask, x / keep, jnp.zeros_like(x))

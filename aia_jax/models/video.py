@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from aia_jax.models.attention import DEFAULT_IMPL, IMPLS, PLACEMENTS
+from aia_jax.models.layers import Dropout
 from aia_jax.models.resnet import STAGE_SIZES, TEMPORAL_FORMS, ResNet, check_shift_place
 
 Dtype = Any
@@ -117,7 +118,7 @@ class VideoNet(nn.Module):
             name="base_model",
         )(frames, train=train)
         if not head_in_base:
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = Dropout(self.dropout)(x, deterministic=not train)
             x = nn.Dense(
                 self.num_classes,
                 dtype=self.dtype,
