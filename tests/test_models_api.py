@@ -383,3 +383,26 @@ def test_fused_gate_conv_under_explicit_sharding():
         got = step(*maps, _on_mesh(mesh, kernel, P()))
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_pools_without_anchor_under_explicit_sharding():
+    # Without an anchor the public pools copied the map through one element of it, which
+    # explicit sharding refuses to index on a batch-sharded map. Same values and gradients.
+    from jax.sharding import PartitionSpec as P
+
+    from aia_jax.models import fused
+
+    x = jax.random.normal(KEY, (8, 4, 3, 5, 6))
+
+    def loss(x):
+        pairs = fused.pool(x, (1, 3)) + ((models.pool_max_mean(x, 2),),)
+        return sum(jnp.sum(jnp.sin(p)) for p in jax.tree.leaves(pairs))
+
+    step = jax.jit(jax.value_and_grad(loss))
+    want = step(x)
+    mesh = _explicit_mesh()
+    with jax.set_mesh(mesh):
+        got = step(_on_mesh(mesh, x, P("data")))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-7)
+    assert got[1].sharding.spec[0] == "data"

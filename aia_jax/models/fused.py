@@ -216,8 +216,8 @@ def pool(
       x: the feature map (any float dtype).
       axes: the axes to pool over, one (max, mean) pair per axis.
       anchor: any small traced array, replicated when `x` is sharded (a gate's kernel), for
-        `materialize` under differentiation; None takes an element of `x`, which over a
-        sharded batch costs a one-element all-reduce. Its gradient is zero.
+        `materialize` under differentiation; None reads `x` itself (a few elements), which over a
+        sharded batch costs a small all-reduce. Its gradient is zero.
 
     Returns:
       `((max_0, mean_0), (max_1, mean_1), …)`, each with that axis removed.
@@ -281,7 +281,7 @@ def _padded(v: jax.Array, width: int, anchor: jax.Array) -> jax.Array:
     slabs joined on: XLA:CPU's loop for that runs 2× faster than its `pad` (a `layer1` T
     gate's 58 × 58 × 66 map: ~50 against ~110 µs).
     """
-    probe = anchor.reshape(-1)[0]
+    probe = _probe(anchor)
     one = (probe != probe).astype(v.dtype) * 0 + 1
     # The slabs take the map's sharding: joined to a batch-sharded map, an unsharded slab is
     # refused under explicit sharding.
@@ -328,6 +328,18 @@ def _taps(padded: Sequence[jax.Array], weights: jax.Array) -> jax.Array:
     )
 
 
+def _probe(a: jax.Array) -> jax.Array:
+    """A traced scalar read from few elements of a non-empty `a`: its first one, or under
+    explicit sharding the maximum of the first ones along each sharded axis.
+
+    Explicit sharding refuses to index one element of a sharded axis (it lives on one device
+    only); keeping those axes whole costs a reduction over one element per shard.
+    """
+    spec = tuple(jax.typeof(a).sharding.spec)
+    spec += (None,) * (a.ndim - len(spec))
+    return jnp.max(a[tuple(slice(None) if s is not None else slice(0, 1) for s in spec)])
+
+
 def materialize(x: jax.Array, anchor: jax.Array) -> jax.Array:
     """`x`, computed once into memory instead of being fused into (and recomputed by) its users.
 
@@ -336,10 +348,12 @@ def materialize(x: jax.Array, anchor: jax.Array) -> jax.Array:
     and its gradient (`lax.optimization_barrier` does not survive its pipeline), and the copies
     need not round alike, which breaks users that compare values across them. Read back
     through a dynamic slice whose start XLA cannot constant-fold (`anchor` is any traced array;
-    the start is clamped to 0), `x` is written once.
+    the start is clamped to 0), `x` is written once. An empty `anchor` anchors on `x` itself.
     """
+    if x.size == 0:
+        return x
     stacked = jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2))
-    start = jnp.minimum(anchor.reshape(-1)[0].astype(jnp.int32), 0)
+    start = jnp.minimum(_probe(anchor if anchor.size else x).astype(jnp.int32), 0)
     # A negative start must clamp to 0, not count from the end (which shifted the map by one
     # wherever the anchor's first element was -1 or less).
     return jax.lax.dynamic_slice_in_dim(

@@ -248,12 +248,7 @@ def _run_block(block: Bottleneck, x: jax.Array, *, train: bool, remat: bool) -> 
 
     def backward(residuals, dy: jax.Array):
         variables, v = residuals
-        # Anchored on a reduction of the cotangent (an element of it alone would be on one
-        # device of a sharded batch, which explicit sharding refuses to index); a batch of no
-        # clips has nothing to reduce, and any traced value serves to copy it.
-        corner = dy[(slice(None),) + (slice(0, 1),) * (dy.ndim - 1)]
-        anchor = jnp.max(corner) if dy.size else jax.tree.leaves(variables["params"])[0]
-        v = fused.materialize(v, anchor)
+        v = fused.materialize(v, dy)
 
         def rerun(params, v):
             out, _ = unbound.apply({**variables, "params": params}, v, train=train, mutable=True)
