@@ -605,4 +605,5 @@ def check_common_flags(parser, args) -> None:
     check_at_least(parser, args, 1, "frames", "size")
     if hasattr(args, "reps"):
         check_at_least(parser, args, 1, "reps")
+    if hasattr(args, "warmup"):
         check_at_least(parser, args, 0, "warmup")

@@ -22,6 +22,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import compile_time  # noqa: E402
 import flops  # noqa: E402
 import overhead  # noqa: E402
 import step  # noqa: E402
@@ -58,10 +59,32 @@ def _usage_error(module, *argv: str) -> str:
         (flops, ["--impls", "fast"], "--impls: unknown fast"),
         (unit, ["--units", "CinST,X"], "--units: unknown X"),
         (unit, ["--dtype", "float16"], "invalid choice"),
+        (compile_time, ["--modes", "eval"], "--modes: unknown eval"),
+        (compile_time, ["--reps", "0"], "--reps: expected at least 1"),
+        (compile_time, ["--dtype", "float32,bfloat16"], "--dtype: one value expected"),
+        (compile_time, ["--baseline", "/nonexistent"], "no aia_jax/models/fused.py there"),
     ],
 )
 def test_bad_arguments_give_one_usage_line(module, argv, message):
     assert message in _usage_error(module, *argv)
+
+
+def test_compile_time_table_takes_medians_per_checkout(capsys):
+    def row(trace, phases=None):
+        return {"trace_s": trace, "lower_s": 1.0, "compile_s": 10.0, "hlo_instructions": 7} | (
+            phases or {}
+        )
+
+    results = {
+        ("TSM", "train", "/old"): [row(3.0), row(5.0), row(4.0)],
+        ("TSM", "train", str(compile_time.ROOT)): [row(2.0, {"HLO passes": 1.5}), row(2.0)],
+    }
+    args = type("Args", (), {"phases": True, "reps": 3})
+    compile_time.print_table(results, args)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == "| TSM | train | baseline | 4.0 | 1.0 | 10.0 | 15.0 | – | – | – | – | 7 |"
+    assert lines[-1] == "| TSM | train | this | 2.0 | 1.0 | 10.0 | 13.0 | 1.5 | – | – | – | 7 |"
+    assert lines[-3].count("|") == lines[-1].count("|")
 
 
 def test_overhead_reads_impl_as_impls():
