@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -310,6 +311,7 @@ def test_sigterm_saves_and_exits_then_resume_matches(env, reference, tmp_path, s
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "'preempted': True" in out, out
+    assert re.search(r"Training step compiled in \d+\.\d s\.", out), out
     ckpts = Checkpoints(workdir, read_only=True)
     saved = ckpts.latest_step()
     ckpts.close()
@@ -405,6 +407,19 @@ def test_progress_bar_shows_the_figures_of_the_interval_it_reports(capsys):
         progress.update(step, loss=loss)
         drawn = capsys.readouterr().err.split("\r")[-1]
         assert f"{step}/10" in drawn and f"loss={loss:.4g}" in drawn, drawn
+    progress.close()
+
+
+def test_progress_rate_after_restart_clock_leaves_out_the_compilation(monkeypatch):
+    from aia_jax.train import metrics
+
+    now = [100.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    progress = Progress(total_steps=10, initial_step=2, clips_per_step=4)
+    now[0] += 30.0  # the first step's call: compilation
+    progress.restart_clock()
+    now[0] += 2.0  # four steps
+    assert progress.update(6) == 4 * 4 / 2.0
     progress.close()
 
 

@@ -132,6 +132,11 @@ class Progress:
             self._bar.update(step - self._bar.n)
         return rate
 
+    def restart_clock(self) -> None:
+        """Times the next interval's clips/s from now: after the first step, whose call compiled
+        the training step (tens of seconds), so that the first rate is the steps' own."""
+        self._last = (self._last[0], time.perf_counter())
+
     def write(self, message: str) -> None:
         if self.active:
             tqdm.tqdm.write(message)

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
@@ -428,7 +429,15 @@ def _run(
             validate(state)
         while step < total_steps:
             batch = data.to_global(next(train_batches), mesh)
+            first = step == start_step
+            if first:
+                # The first call traces and compiles the step: a silent minute on a big network.
+                progress.write("Compiling the training step (JAX_COMPILATION_CACHE_DIR keeps it).")
+                started = time.perf_counter()
             state, metrics = train_step(state, batch)
+            if first:
+                progress.write(f"Training step compiled in {time.perf_counter() - started:.1f} s.")
+                progress.restart_clock()
             pending.append(metrics)
             step += 1
 
