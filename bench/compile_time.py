@@ -88,15 +88,12 @@ def import_checkout(checkout: str) -> None:
     sys.path.insert(0, checkout)
     import aia_jax
 
-    if (
-        not pathlib.Path(aia_jax.__file__)
-        .resolve()
-        .is_relative_to(pathlib.Path(checkout).resolve())
-    ):
+    where = pathlib.Path(aia_jax.__file__).resolve()
+    if not where.is_relative_to(pathlib.Path(checkout).resolve()):
         raise SystemExit(f"{checkout}: aia_jax imported from {aia_jax.__file__}")
 
 
-def phase_seconds(trace_dir: str) -> dict[str, float]:
+def phase_seconds(trace_dir: str) -> dict[str, float | None]:
     """Seconds of each of `PHASES` in the profile written to `trace_dir`."""
     import jax
 
@@ -114,6 +111,7 @@ def phase_seconds(trace_dir: str) -> dict[str, float]:
 
 
 def run_child(checkout: str, name: str, mode: str, argv: list[str]) -> dict:
+    """`measure` in a fresh Python process, without the persistent compilation cache."""
     cmd = [sys.executable, __file__, *argv, "--child", checkout, name, mode]
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
