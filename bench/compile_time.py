@@ -14,7 +14,7 @@ the sum once per program and process, unless `JAX_COMPILATION_CACHE_DIR` keeps i
 compiler's own trace events: the HLO pass pipelines, XLA:CPU's fusion emitters and LLVM code
 generation (wall time of the outermost event of each; the fusion emitters run on several
 threads, so their seconds are summed thread time). Event names are XLA:CPU's (jaxlib 0.10); a
-phase XLA does not report shows '–'. Tracing costs a little compile time.
+phase XLA does not report shows '–'. The profiler adds a little to the compile time.
 
 `--baseline DIR` runs each measurement also with another checkout's `aia_jax` (e.g. a
 `git worktree` of an older commit) first on the import path, alternating with this one, so that

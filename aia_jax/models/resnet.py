@@ -368,6 +368,8 @@ class ResNet(nn.Module):
         else:
             x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
+        # Initialisation only creates the variables: there is no gradient to save memory in.
+        remat = self.remat and not self.is_initializing()
         in_channels = self.width
         for stage, num_blocks in enumerate(self.stage_sizes):
             planes = self.width * 2**stage
@@ -390,8 +392,6 @@ class ResNet(nn.Module):
                     attention_impl=self.attention_impl,
                     name=f"layer{stage + 1}_{block}",
                 )
-                # Initialisation only creates the variables: there is no gradient to save memory in.
-                remat = self.remat and not self.is_initializing()
                 x = _run_block(block_module, x, train=train, remat=remat)
                 in_channels = planes * 4
 
