@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from aia_jax import train, xla_cpu
+from aia_jax import compilation_cache, train, xla_cpu
 from aia_jax.errors import (
     load_config_flag,
     one_line,
@@ -71,4 +71,5 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     # XLA reads XLA_FLAGS when the first backend is created, not when jax is imported.
     xla_cpu.apply_cpu_flags()
+    compilation_cache.use_default()
     app.run(main, flags_parser=parse_flags)

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from aia_jax import metrics_report, modelio, xla_cpu
+from aia_jax import compilation_cache, metrics_report, modelio, xla_cpu
 from aia_jax.errors import (
     ArgumentParser,
     InputNotFoundError,
@@ -658,4 +658,5 @@ def _main(argv: list[str]) -> int:
 if __name__ == "__main__":
     # Only as a command: the flags are process-wide, so importing the module sets none.
     xla_cpu.apply_cpu_flags()
+    compilation_cache.use_default()
     sys.exit(main())

@@ -534,4 +534,7 @@ def _main_stream(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 if __name__ == "__main__":
     # Only as a command: the flags are process-wide, so importing the module sets none.
     xla_cpu.apply_cpu_flags()
+    from aia_jax import compilation_cache  # imports jax: not before the flags are set
+
+    compilation_cache.use_default()
     sys.exit(main())

@@ -234,7 +234,11 @@ def retain_host_memory(limit_bytes: int | None = None, poll_s: float = 0.5) -> b
     checks the resident set every `poll_s` seconds, and once it passes `limit_bytes` (default:
     `RETAIN_LIMIT_FRACTION` of `memory_limit()`) calls `release_host_memory` and logs a
     warning: the process then runs as with glibc's defaults. `AIA_JAX_RETAIN_HOST_MEMORY=0`
-    (read by `apply_cpu_flags`) keeps glibc's defaults from the start.
+    (read by `apply_cpu_flags`) keeps glibc's defaults from the start. The one arena also keeps
+    the compiler's freed memory, fragmented: a program compiled in the process runs 8–10 %
+    (ResNet-50) to 1.7× (the quick start's tiny network) slower than the same program read from
+    the persistent compilation cache, which the commands therefore use (`compilation_cache`;
+    bench/RESULTS.md §3, session 39).
 
     Applied once per process, before the backend starts (the arena limit binds threads that
     start later), and only on Linux with glibc where JAX can run on the CPU alone and the

@@ -33,6 +33,7 @@ import numpy as np
 # program.
 _SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 _WIDE = "--xla_cpu_prefer_vector_width=512"
+_FAST_COMPILE = f"{_SCHEDULER} --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE"
 # Each set: exactly these XLA_FLAGS (not those train.py adds), whether its process also
 # applies `aia_jax.xla_cpu.retain_host_memory` (glibc keeps the memory XLA frees), and a glibc
 # trim threshold set after it (None: the one retain_host_memory sets).
@@ -88,6 +89,30 @@ FLAG_SETS = {
         f"{_SCHEDULER} --xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
         True,
         None,
+    ),
+    # train.py's XLA flags with glibc's allocator set through GLIBC_TUNABLES (below) instead of
+    # `retain_host_memory`: read when the process starts, so arenas can be left per thread.
+    "fast-compile preset": (_FAST_COMPILE, False, None),
+    "fast-compile preset, glibc: no mmap, no trimming, one arena": (_FAST_COMPILE, False, None),
+    "fast-compile preset, glibc: no mmap, no trimming, arenas per thread": (
+        _FAST_COMPILE,
+        False,
+        None,
+    ),
+    "fast-compile preset, glibc: huge pages, no mmap, no trimming, arenas per thread": (
+        _FAST_COMPILE,
+        False,
+        None,
+    ),
+}
+_KEPT = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
+GLIBC_TUNABLES = {
+    "fast-compile preset, glibc: no mmap, no trimming, one arena": (
+        f"{_KEPT}:glibc.malloc.arena_max=1"
+    ),
+    "fast-compile preset, glibc: no mmap, no trimming, arenas per thread": _KEPT,
+    "fast-compile preset, glibc: huge pages, no mmap, no trimming, arenas per thread": (
+        f"{_KEPT}:glibc.malloc.hugetlb=1"
     ),
 }
 
@@ -198,13 +223,16 @@ def main() -> None:
     procs, compile_s, failed, peak_rss = {}, {}, {}, {}
     for flag_set in sets:
         xla_flags, retain, trim = FLAG_SETS[flag_set]
+        tunables = (
+            {"GLIBC_TUNABLES": GLIBC_TUNABLES[flag_set]} if flag_set in GLIBC_TUNABLES else {}
+        )
         for name in names:
             key = (name, flag_set)
             proc = subprocess.Popen(
                 [sys.executable, __file__, "--child", f"--names={name}", *shared]
                 + (["--retain-host-memory"] if retain else [])
                 + ([f"--trim-threshold={trim}"] if trim is not None else []),
-                env=dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu"),
+                env=dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu", **tunables),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -268,6 +296,8 @@ def main() -> None:
             flags += " + host memory kept"
         if trim is not None:
             flags += f", trim threshold {trim}"
+        if flag_set in GLIBC_TUNABLES:
+            flags += f" + `GLIBC_TUNABLES={GLIBC_TUNABLES[flag_set]}`"
         for name in names:
             key = (name, flag_set)
             if key not in procs:

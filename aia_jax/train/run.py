@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from aia_jax import modelio
+from aia_jax import compilation_cache, modelio
 from aia_jax.errors import UserError, one_line
 from aia_jax.fileio import write_atomically
 from aia_jax.train import config as config_lib
@@ -432,11 +432,16 @@ def _run(
             first = step == start_step
             if first:
                 # The first call traces and compiles the step: a silent minute on a big network.
-                progress.write("Compiling the training step (JAX_COMPILATION_CACHE_DIR keeps it).")
+                cache_dir, hits = compilation_cache.directory(), compilation_cache.hits()
+                progress.write(
+                    "Compiling the training step"
+                    + (f" (or reading it from {cache_dir})." if cache_dir else ".")
+                )
                 started = time.perf_counter()
             state, metrics = train_step(state, batch)
             if first:
-                progress.write(f"Training step compiled in {time.perf_counter() - started:.1f} s.")
+                how = "read from the cache" if compilation_cache.hits() > hits else "compiled"
+                progress.write(f"Training step {how} in {time.perf_counter() - started:.1f} s.")
                 progress.restart_clock()
             pending.append(metrics)
             step += 1
