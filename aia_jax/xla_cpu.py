@@ -235,7 +235,7 @@ def retain_host_memory(limit_bytes: int | None = None, poll_s: float = 0.5) -> b
     `RETAIN_LIMIT_FRACTION` of `memory_limit()`) calls `release_host_memory` and logs a
     warning: the process then runs as with glibc's defaults. `AIA_JAX_RETAIN_HOST_MEMORY=0`
     (read by `apply_cpu_flags`) keeps glibc's defaults from the start. The one arena also keeps
-    the compiler's freed memory, fragmented: a program compiled in the process runs 8–10 %
+    the compiler's freed memory, fragmented: a program compiled in the process runs 9–13 %
     (ResNet-50) to 1.7× (the quick start's tiny network) slower than the same program read from
     the persistent compilation cache, which the commands therefore use (`compilation_cache`;
     bench/RESULTS.md §3, session 39).

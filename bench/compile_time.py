@@ -8,7 +8,8 @@ Every measurement runs in a fresh Python process (nothing cached by JAX or XLA f
 one; the persistent compilation cache is off): `jax.jit(step).trace(…)` (Python → jaxpr),
 `.lower()` (jaxpr → StableHLO) and `.compile()` (XLA), for inference and for the training step
 of `bench/common.py` (ResNet-50, donated state), with the XLA flags `train.py` uses. A user pays
-the sum once per program and process, unless `JAX_COMPILATION_CACHE_DIR` keeps it (README).
+the sum once per program, on its first run: later runs of the commands read it from the
+persistent compilation cache (`aia_jax.compilation_cache`, README).
 
 `--phases` also records the compilation under `jax.profiler` and splits XLA's seconds by the
 compiler's own trace events: the HLO pass pipelines, XLA:CPU's fusion emitters and LLVM code

@@ -90,21 +90,10 @@ FLAG_SETS = {
         True,
         None,
     ),
-    # train.py's XLA flags with glibc's allocator set through GLIBC_TUNABLES (below) instead of
-    # `retain_host_memory`: read when the process starts, so arenas can be left per thread.
     "fast-compile preset": (_FAST_COMPILE, False, None),
-    "fast-compile preset, glibc: no mmap, no trimming, one arena": (_FAST_COMPILE, False, None),
-    "fast-compile preset, glibc: no mmap, no trimming, arenas per thread": (
-        _FAST_COMPILE,
-        False,
-        None,
-    ),
-    "fast-compile preset, glibc: huge pages, no mmap, no trimming, arenas per thread": (
-        _FAST_COMPILE,
-        False,
-        None,
-    ),
 }
+# train.py's XLA flags with glibc's allocator set through GLIBC_TUNABLES instead of
+# `retain_host_memory`: read when the process starts, so arenas can be left per thread.
 _KEPT = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 GLIBC_TUNABLES = {
     "fast-compile preset, glibc: no mmap, no trimming, one arena": (
@@ -115,6 +104,7 @@ GLIBC_TUNABLES = {
         f"{_KEPT}:glibc.malloc.hugetlb=1"
     ),
 }
+FLAG_SETS |= {name: (_FAST_COMPILE, False, None) for name in GLIBC_TUNABLES}
 
 os.environ["AIA_JAX_XLA_CPU_FLAGS"] = "0"
 
