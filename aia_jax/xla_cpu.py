@@ -50,7 +50,7 @@ _OFF = ("0", "false", "no", "off")
 _ON = ("", "1", "true", "yes", "on")
 
 
-def _switch(environ: Mapping[str, str], name: str) -> bool:
+def switch(environ: Mapping[str, str], name: str) -> bool:
     """Whether the on/off variable `name` is on (unset or empty: on)."""
     value = environ.get(name, "").strip().lower()
     if value in _OFF:
@@ -58,7 +58,7 @@ def _switch(environ: Mapping[str, str], name: str) -> bool:
     if value not in _ON:
         # A typo must not stop a training run; the warning names what was read.
         logging.warning(
-            "aia_jax.xla_cpu: %s=%r is not one of %s (off) or %s (on); taken as on.",
+            "aia_jax: %s=%r is not one of %s (off) or %s (on); taken as on.",
             name,
             environ[name],
             "/".join(_OFF),
@@ -86,10 +86,10 @@ def apply_cpu_flags(environ: MutableMapping[str, str] = os.environ) -> list[str]
     `AIA_JAX_RETAIN_HOST_MEMORY` is off; there, once JAX's backend has started, it changes
     nothing, with a warning where flags were missing (XLA has read its flags by then).
     """
-    if not _switch(environ, "AIA_JAX_XLA_CPU_FLAGS"):
+    if not switch(environ, "AIA_JAX_XLA_CPU_FLAGS"):
         return []
     started = environ is os.environ and _backend_started()
-    if environ is os.environ and not started and _switch(environ, "AIA_JAX_RETAIN_HOST_MEMORY"):
+    if environ is os.environ and not started and switch(environ, "AIA_JAX_RETAIN_HOST_MEMORY"):
         retain_host_memory()
     if _jaxlib_minor() not in MEASURED_JAXLIB:
         return []
@@ -126,6 +126,7 @@ _GLIBC_MMAP_MAX, _GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024
 # The kept heap is a cache: past this share of the memory the process may use, it is handed back.
 RETAIN_LIMIT_FRACTION = 0.5
 _retained = False
+_arena_set = False  # the single arena, once set, stays for the life of the process
 # Set by `release_host_memory` to stop the watchdog; a fresh one per `retain_host_memory`, so a
 # retain after a release gets a watchdog again.
 _released = threading.Event()
@@ -237,15 +238,16 @@ def retain_host_memory(limit_bytes: int | None = None, poll_s: float = 0.5) -> b
     (read by `apply_cpu_flags`) keeps glibc's defaults from the start. The one arena also keeps
     the compiler's freed memory, fragmented: a program compiled in the process runs 9–13 %
     (ResNet-50) to 1.7× (the quick start's tiny network) slower than the same program read from
-    the persistent compilation cache, which the commands therefore use (`compilation_cache`;
-    bench/RESULTS.md §3, session 39).
+    the persistent compilation cache, which the commands therefore use, and `train.py` restarts
+    itself once it has compiled its programs, to read them back (`compilation_cache`;
+    bench/RESULTS.md §3, sessions 39 and 40).
 
     Applied once per process, before the backend starts (the arena limit binds threads that
     start later), and only on Linux with glibc where JAX can run on the CPU alone and the
     resident set can be read (without it nothing would bound the heap). Returns whether it
     applied the settings.
     """
-    global _retained, _released
+    global _retained, _released, _arena_set
     if _retained:
         return True
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or not _cpu_only():
@@ -258,6 +260,7 @@ def retain_host_memory(limit_bytes: int | None = None, poll_s: float = 0.5) -> b
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
     _retained = all(mallopt(param, value) == 1 for param, value in settings)
+    _arena_set = _retained
     if _retained:
         _released = threading.Event()
         limit = int(RETAIN_LIMIT_FRACTION * memory_limit()) if limit_bytes is None else limit_bytes
@@ -288,6 +291,12 @@ def _watch(limit: int, poll_s: float, released: threading.Event) -> None:
                 limit / 2**30,
             )
             return
+
+
+def single_arena() -> bool:
+    """Whether `retain_host_memory` set glibc's single arena in this process (it stays after
+    `release_host_memory`, which cannot undo it)."""
+    return _arena_set
 
 
 def release_host_memory() -> bool:

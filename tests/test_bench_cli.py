@@ -23,6 +23,7 @@ sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
 import compile_time  # noqa: E402
+import first_run  # noqa: E402
 import flops  # noqa: E402
 import overhead  # noqa: E402
 import step  # noqa: E402
@@ -59,6 +60,7 @@ def _usage_error(module, *argv: str) -> str:
         (flops, ["--impls", "fast"], "--impls: unknown fast"),
         (unit, ["--units", "CinST,X"], "--units: unknown X"),
         (unit, ["--dtype", "float16"], "invalid choice"),
+        (first_run, ["--rounds", "0"], "--rounds: expected at least 1"),
         (compile_time, ["--modes", "eval"], "--modes: unknown eval"),
         (compile_time, ["--reps", "0"], "--reps: expected at least 1"),
         (compile_time, ["--dtype", "float32,bfloat16"], "--dtype: one value expected"),
@@ -85,6 +87,18 @@ def test_compile_time_table_takes_medians_per_checkout(capsys):
     assert lines[-2] == "| TSM | train | baseline | 4.0 | 1.0 | 10.0 | 15.0 | – | – | – | – | 7 |"
     assert lines[-1] == "| TSM | train | this | 2.0 | 1.0 | 10.0 | 13.0 | 1.5 | – | – | – | 7 |"
     assert lines[-3].count("|") == lines[-1].count("|")
+
+
+def test_first_run_reads_the_trainers_program_lines():
+    printed = (
+        "Compiling the training step, evaluation step and initial state (or reading them from d).\n"
+        "Training step compiled in 18.7 s.\nEvaluation step compiled in 4.4 s.\n"
+        "Initial state compiled in 7.9 s.\nRestarting to run them from the cache: …\n"
+        "Training step read from the cache in 3.3 s.\n"
+    )
+    assert first_run.programs_of(printed) == (
+        "training c 18.7, evaluation c 4.4, initial c 7.9, training r 3.3"
+    )
 
 
 def test_overhead_reads_impl_as_impls():

@@ -21,6 +21,7 @@ _CHILD = textwrap.dedent(
     jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()
     print(json.dumps({"path": path, "directory": compilation_cache.directory(),
                       "hits": compilation_cache.hits(),
+                      "writes": compilation_cache.writes(),
                       "max_size": jax.config.jax_compilation_cache_max_size}))
     """
 )
@@ -48,8 +49,9 @@ def test_default_cache_is_written_then_read_by_the_next_process(tmp_path):
     assert first["hits"] == 0 and first["max_size"] == compilation_cache.MAX_BYTES
     entries = [name for name in os.listdir(expected) if name.endswith("-cache")]
     assert entries  # every program of the child, at a minimum compile time of 0 s
+    assert first["writes"] == len(entries)
     second = _child(env)
-    assert second["hits"] == len(entries)
+    assert second["hits"] == len(entries) and second["writes"] == 0
 
 
 def test_the_users_choice_is_left_alone(tmp_path):
@@ -89,3 +91,17 @@ def test_no_default_where_the_directory_cannot_be_made(tmp_path, no_cache_config
 def test_default_dir_without_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert compilation_cache.default_dir({}) == str(tmp_path / ".cache" / "aia_jax" / "xla")
+
+
+def test_restart_pays_only_once_on_the_cpu_with_the_one_arena_and_a_cache(monkeypatch):
+    from aia_jax import xla_cpu
+
+    assert compilation_cache.directory()  # the suite's cache (conftest)
+    monkeypatch.setattr(xla_cpu, "single_arena", lambda: True)
+    assert compilation_cache.restart_pays({})
+    assert not compilation_cache.restart_pays({compilation_cache.RESTARTED_ENV: "1"})
+    for off in ("0", "false", "off"):
+        assert not compilation_cache.restart_pays({compilation_cache.RESTART_SWITCH: off})
+    assert compilation_cache.restart_pays({compilation_cache.RESTART_SWITCH: "1"})
+    monkeypatch.setattr(xla_cpu, "single_arena", lambda: False)  # glibc's arenas: nothing to gain
+    assert not compilation_cache.restart_pays({})

@@ -321,6 +321,49 @@ def test_sigterm_saves_and_exits_then_resume_matches(env, reference, tmp_path, s
     assert_same_run(workdir, reference[0], after_step=saved)
 
 
+def test_train_py_compiles_then_restarts_to_run_from_the_cache(env, reference, tmp_path):
+    """On the CPU with the one arena, `train.py` compiles its programs into an empty cache,
+    replaces its process, and the new one reads every program back, compiles none of the
+    steps again (the steps' arguments match the ones compiled for) and trains as `run` does."""
+    config = tmp_path / "tiny.py"
+    config.write_text(
+        textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+        from test_train_run import tiny_config
+        def get_config():
+            return tiny_config({env["data_dir"]!r})
+        """)
+    )
+    cache, workdir = tmp_path / "cache", tmp_path / "w"
+    child_env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",  # the steps, not the small ops
+        "AIA_JAX_RETAIN_HOST_MEMORY": "1",
+    }
+    child_env.pop("AIA_JAX_RESTARTED", None)
+    child_env.pop("AIA_JAX_RESTART_AFTER_COMPILE", None)
+    out = subprocess.run(
+        [sys.executable, "train.py", "--config", str(config), "--workdir", str(workdir)],
+        cwd=ROOT,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, restarted = out.stdout.split("Restarting to run them from the cache", 1)
+    assert "Training step compiled in" in first and "Initial state compiled in" in first
+    for name in ("Training step", "Evaluation step", "Initial state"):
+        assert f"{name} read from the cache in" in restarted, out.stdout
+    assert "Restarting" not in restarted and "Finished at step 12" in restarted
+    # Written by the first process only: a step compiled again after the restart would add one.
+    entries = sorted(name.split("-")[0] for name in os.listdir(cache) if name.endswith("-cache"))
+    assert entries == ["jit_init_state", "jit_step", "jit_step"], entries
+    assert_same_run(str(workdir), reference[0], after_step=0)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(env, reference, tmp_path):
     """Resumed from the reference run's step 10 (its newest checkpoint once 12 is gone), with
     a learning rate that makes every parameter NaN at the next update."""
@@ -410,13 +453,13 @@ def test_progress_bar_shows_the_figures_of_the_interval_it_reports(capsys):
     progress.close()
 
 
-def test_progress_rate_after_restart_clock_leaves_out_the_compilation(monkeypatch):
+def test_progress_rate_after_restart_clock_leaves_out_the_first_step(monkeypatch):
     from aia_jax.train import metrics
 
     now = [100.0]
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
     progress = Progress(total_steps=10, initial_step=2, clips_per_step=4)
-    now[0] += 30.0  # the first step's call: compilation
+    now[0] += 3.0  # the first step's call: the heap grows, the threads start
     progress.restart_clock()
     now[0] += 2.0  # four steps
     assert progress.update(6) == 4 * 4 / 2.0

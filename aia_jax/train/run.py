@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import jax
@@ -110,7 +110,9 @@ def _num_train_examples(data: Any, data_cfg: Any) -> int:
     return int(data.num_train_examples(data_cfg))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, may_restart: bool = False
+) -> dict[str, Any]:
     """Trains (or resumes training) as `config` says, writing everything into `workdir`.
 
     Args:
@@ -120,6 +122,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         `num_epochs` the run trains on to the new end (and says so), and one whose latest
         checkpoint is already past that end is refused. A local path: a URL such as
         `gs://…` is refused (mount the bucket instead).
+      may_restart: for a command whose command line reproduces the run (`train.py`): after
+        compiling its steps into the persistent cache, the process may replace itself by a new
+        run of that command line, which reads them back (`compilation_cache.restart_pays`: on
+        XLA:CPU a program compiled in the process runs slower). Nothing has been written to
+        the workdir by then.
 
     Returns:
       A summary: `step` reached, `preempted`, last `val_top1`/`val_top5` (when evaluated),
@@ -130,11 +137,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         are the last good ones.
     """
     with contextlib.ExitStack() as cleanup:  # closes the checkpoints (and their lock) on errors
-        return _run(config, workdir, cleanup)
+        return _run(config, workdir, cleanup, may_restart=may_restart)
 
 
 def _run(
-    config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    cleanup: contextlib.ExitStack,
+    *,
+    may_restart: bool,
 ) -> dict[str, Any]:
     cfg = config
     check_config(cfg)  # first: a misspelt `distributed` field must not go unnoticed either
@@ -259,6 +270,56 @@ def _run(
         sizes = optim.group_sizes(params_shape, partial_bn=partial_bn)
         note(f"{cfg.model.name}: {sum(sizes.values()):,} parameters; optimiser groups {sizes}")
 
+    # --- Steps, compiled before any data or checkpoint work starts ----------------------------
+    normalize = data.normalize
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(
+            model, tx, normalize=normalize, compute_dtype=compute_dtype, grad_accum_steps=accum
+        ),
+        mesh,
+        state_sharding,
+    )
+    eval_step = step_lib.jit_eval_step(
+        step_lib.make_eval_step(model, normalize=normalize, compute_dtype=compute_dtype), mesh
+    )
+
+    # In-training validation follows the release: 1 clip (segment centres) × 1 centre crop,
+    # whatever test protocol the data config names for the evaluator.
+    val_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    val_cfg.test_clips, val_cfg.test_crops = "single", 1
+
+    # The arguments as the steps will get them, shardings included: they are part of the key
+    # under which jit finds the program compiled here.
+    state_spec = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state,
+        state_sharding,
+    )
+
+    def batch_spec(size: int, video: tuple[int, ...], **more: Any) -> dict[str, Any]:
+        """`data.to_global` of the iterators' batches (pipeline.TrainSample, EvalSample)."""
+        sharding = mesh_lib.batch_sharded(mesh)
+        return {
+            "video": jax.ShapeDtypeStruct((size, *video), jnp.uint8, sharding=sharding),
+            "label": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=sharding),
+            **{k: jax.ShapeDtypeStruct((size,), t, sharding=sharding) for k, t in more.items()},
+        }
+
+    initial_state = jax.jit(init_state, out_shardings=state_sharding)
+    programs = {
+        "training step": lambda: train_step.lower(
+            state_spec, batch_spec(batch_size, (frames, crop, crop, 3))
+        )
+    }
+    if eval_every:
+        variables_spec = {k: getattr(state_spec, k) for k in ("params", "batch_stats")}
+        val_spec = batch_spec(eval_batch_size, data.eval_view_shape(val_cfg), valid=jnp.bool_)
+        programs["evaluation step"] = lambda: eval_step.lower(variables_spec, val_spec)
+    if not os.path.isdir(checkpoint_dir(workdir)):  # a fresh run (else the state is restored)
+        # Compiled after a restart, even this small program would slow the steps (the one arena).
+        programs["initial state"] = lambda: initial_state.lower(init_rng)
+    _compile(programs, say=print if main else lambda _: None, may_restart=may_restart)
+
     # --- Resume, or initialise ----------------------------------------------------------------
     train_iter = data.make_train_iterator(
         data_cfg,
@@ -291,19 +352,14 @@ def _run(
                 f"steps per epoch); resume with a larger --config.num_epochs, or use a new "
                 "workdir"
             )
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract_state,
-            state_sharding,
-        )
         try:
-            state = ckpts.restore(latest, target, train_iter)
+            state = ckpts.restore(latest, state_spec, train_iter)
         except UserError:  # e.g. saved by another number of processes
             raise
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise _resume_error(ckpts, latest, abstract_state, e) from None
     else:
-        state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
+        state = initial_state(init_rng)
         if cfg.get("init_from"):
             if init_from is None:
                 init_from = modelio.load_for_init(cfg.init_from, model)
@@ -313,24 +369,6 @@ def _run(
     if main:
         _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(cfg.to_json_best_effort()))
         modelio.write_meta(workdir, meta)
-
-    # --- Steps ---------------------------------------------------------------------------------
-    normalize = data.normalize
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(
-            model, tx, normalize=normalize, compute_dtype=compute_dtype, grad_accum_steps=accum
-        ),
-        mesh,
-        state_sharding,
-    )
-    eval_step = step_lib.jit_eval_step(
-        step_lib.make_eval_step(model, normalize=normalize, compute_dtype=compute_dtype), mesh
-    )
-
-    # In-training validation follows the release: 1 clip (segment centres) × 1 centre crop,
-    # whatever test protocol the data config names for the evaluator.
-    val_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
-    val_cfg.test_clips, val_cfg.test_crops = "single", 1
 
     def evaluate(state: step_lib.TrainState) -> dict[str, float]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -429,19 +467,8 @@ def _run(
             validate(state)
         while step < total_steps:
             batch = data.to_global(next(train_batches), mesh)
-            first = step == start_step
-            if first:
-                # The first call traces and compiles the step: a silent minute on a big network.
-                cache_dir, hits = compilation_cache.directory(), compilation_cache.hits()
-                progress.write(
-                    "Compiling the training step"
-                    + (f" (or reading it from {cache_dir})." if cache_dir else ".")
-                )
-                started = time.perf_counter()
             state, metrics = train_step(state, batch)
-            if first:
-                how = "read from the cache" if compilation_cache.hits() > hits else "compiled"
-                progress.write(f"Training step {how} in {time.perf_counter() - started:.1f} s.")
+            if step == start_step:
                 progress.restart_clock()
             pending.append(metrics)
             step += 1
@@ -481,6 +508,33 @@ def _run(
             writer.close()
 
     return {"step": step, "preempted": preempted, "best_step": ckpts.best_step(), **last_val}
+
+
+def _compile(programs: dict[str, Any], *, say: Callable[[str], None], may_restart: bool) -> None:
+    """Compiles (or reads from the persistent cache) each `name: () -> jax.stages.Lowered`.
+
+    Ahead of the first batch, so that the steps' calls find them compiled: a silent minute on a
+    big network otherwise, and the first validation would stall the run for its own. With
+    `may_restart`, restarts the process when it wrote programs to the cache and reading them
+    back pays (`compilation_cache.restart_pays`).
+    """
+    cache_dir, writes = compilation_cache.directory(), compilation_cache.writes()
+    *most, last = programs
+    say(
+        f"Compiling the {', '.join(most) + ' and ' if most else ''}{last}"
+        + (f" (or reading them from {cache_dir})." if cache_dir else ".")
+    )
+    for name, lower in programs.items():
+        started, hits = time.perf_counter(), compilation_cache.hits()
+        lower().compile()
+        how = "read from the cache" if compilation_cache.hits() > hits else "compiled"
+        say(f"{name[0].upper() + name[1:]} {how} in {time.perf_counter() - started:.1f} s.")
+    if may_restart and compilation_cache.writes() > writes and compilation_cache.restart_pays():
+        say(
+            "Restarting to run them from the cache: on XLA:CPU a program compiled in the "
+            f"process runs slower ({compilation_cache.RESTART_SWITCH}=0 keeps this process)."
+        )
+        compilation_cache.restart()
 
 
 def _is_number(value: Any) -> bool:
