@@ -46,7 +46,8 @@ def main(argv: list[str]) -> None:
     with reported_as_usage_errors(PROGRAM):
         config = load_config_flag(_CONFIG, sys.argv)
         try:
-            summary = train.run(config, _WORKDIR.value, may_restart=True)
+            # Only as the program itself: its command line then reproduces the run.
+            summary = train.run(config, _WORKDIR.value, may_restart=__name__ == "__main__")
         except train.NonFiniteLossError as e:
             # The checkpoints in the workdir are the last good ones; say so and fail the job.
             raise SystemExit(f"{PROGRAM}: error: {e}") from None
