@@ -125,8 +125,9 @@ def run(
       may_restart: for a command whose command line reproduces the run (`train.py`): after
         compiling its steps into the persistent cache, the process may replace itself by a new
         run of that command line, which reads them back (`compilation_cache.restart_pays`: on
-        XLA:CPU a program compiled in the process runs slower). Nothing has been written to
-        the workdir by then.
+        XLA:CPU a program compiled in the process runs slower). By then the state is restored
+        or initialised, but no batch read and nothing saved: the workdir holds at most its
+        lock file and an empty checkpoints folder, or the checkpoints it had.
 
     Returns:
       A summary: `step` reached, `preempted`, last `val_top1`/`val_top5` (when evaluated),
@@ -270,7 +271,7 @@ def _run(
         sizes = optim.group_sizes(params_shape, partial_bn=partial_bn)
         note(f"{cfg.model.name}: {sum(sizes.values()):,} parameters; optimiser groups {sizes}")
 
-    # --- Steps, compiled before any data or checkpoint work starts ----------------------------
+    # --- Steps ---------------------------------------------------------------------------------
     normalize = data.normalize
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(
@@ -305,7 +306,6 @@ def _run(
             **{k: jax.ShapeDtypeStruct((size,), t, sharding=sharding) for k, t in more.items()},
         }
 
-    initial_state = jax.jit(init_state, out_shardings=state_sharding)
     programs = {
         "training step": lambda: train_step.lower(
             state_spec, batch_spec(batch_size, (frames, crop, crop, 3))
@@ -315,10 +315,6 @@ def _run(
         variables_spec = {k: getattr(state_spec, k) for k in ("params", "batch_stats")}
         val_spec = batch_spec(eval_batch_size, data.eval_view_shape(val_cfg), valid=jnp.bool_)
         programs["evaluation step"] = lambda: eval_step.lower(variables_spec, val_spec)
-    if not os.path.isdir(checkpoint_dir(workdir)):  # a fresh run (else the state is restored)
-        # Compiled after a restart, even this small program would slow the steps (the one arena).
-        programs["initial state"] = lambda: initial_state.lower(init_rng)
-    _compile(programs, say=print if main else lambda _: None, may_restart=may_restart)
 
     # --- Resume, or initialise ----------------------------------------------------------------
     train_iter = data.make_train_iterator(
@@ -359,12 +355,16 @@ def _run(
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise _resume_error(ckpts, latest, abstract_state, e) from None
     else:
-        state = initial_state(init_rng)
+        state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
         if cfg.get("init_from"):
             if init_from is None:
                 init_from = modelio.load_for_init(cfg.init_from, model)
             state = _init_from(cfg.init_from, init_from, state, state_sharding)
     start_step = int(_to_host(state.step))
+    if start_step < total_steps:
+        # After the restore, which refuses a checkpoint of another optimiser or process count
+        # in seconds; before the first batch is read or anything is saved.
+        _compile(programs, say=print if main else lambda _: None, may_restart=may_restart)
 
     if main:
         _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(cfg.to_json_best_effort()))
@@ -515,10 +515,12 @@ def _compile(programs: dict[str, Any], *, say: Callable[[str], None], may_restar
 
     Ahead of the first batch, so that the steps' calls find them compiled: a silent minute on a
     big network otherwise, and the first validation would stall the run for its own. With
-    `may_restart`, restarts the process when it wrote programs to the cache and reading them
-    back pays (`compilation_cache.restart_pays`).
+    `may_restart`, restarts the process when it has written programs to the cache (these, or
+    the initial state's, compiled before them) and reading them back pays
+    (`compilation_cache.restart_pays`): a program compiled after the restart, even one as small
+    as the initial state's, would slow the steps again (bench/RESULTS.md §3, session 40).
     """
-    cache_dir, writes = compilation_cache.directory(), compilation_cache.writes()
+    cache_dir = compilation_cache.directory()
     *most, last = programs
     say(
         f"Compiling the {', '.join(most) + ' and ' if most else ''}{last}"
@@ -529,7 +531,7 @@ def _compile(programs: dict[str, Any], *, say: Callable[[str], None], may_restar
         lower().compile()
         how = "read from the cache" if compilation_cache.hits() > hits else "compiled"
         say(f"{name[0].upper() + name[1:]} {how} in {time.perf_counter() - started:.1f} s.")
-    if may_restart and compilation_cache.writes() > writes and compilation_cache.restart_pays():
+    if may_restart and compilation_cache.writes() and compilation_cache.restart_pays():
         say(
             "Restarting to run them from the cache: on XLA:CPU a program compiled in the "
             f"process runs slower ({compilation_cache.RESTART_SWITCH}=0 keeps this process)."
