@@ -267,54 +267,14 @@ def _run(
 
     abstract_state = jax.eval_shape(init_state, init_rng)
     state_sharding = step_lib.state_sharding(abstract_state, mesh)
-    if main:
-        sizes = optim.group_sizes(params_shape, partial_bn=partial_bn)
-        note(f"{cfg.model.name}: {sum(sizes.values()):,} parameters; optimiser groups {sizes}")
-
-    # --- Steps ---------------------------------------------------------------------------------
-    normalize = data.normalize
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(
-            model, tx, normalize=normalize, compute_dtype=compute_dtype, grad_accum_steps=accum
-        ),
-        mesh,
-        state_sharding,
-    )
-    eval_step = step_lib.jit_eval_step(
-        step_lib.make_eval_step(model, normalize=normalize, compute_dtype=compute_dtype), mesh
-    )
-
-    # In-training validation follows the release: 1 clip (segment centres) × 1 centre crop,
-    # whatever test protocol the data config names for the evaluator.
-    val_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
-    val_cfg.test_clips, val_cfg.test_crops = "single", 1
-
-    # The arguments as the steps will get them, shardings included: they are part of the key
-    # under which jit finds the program compiled here.
     state_spec = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state,
         state_sharding,
     )
-
-    def batch_spec(size: int, video: tuple[int, ...], **more: Any) -> dict[str, Any]:
-        """`data.to_global` of the iterators' batches (pipeline.TrainSample, EvalSample)."""
-        sharding = mesh_lib.batch_sharded(mesh)
-        return {
-            "video": jax.ShapeDtypeStruct((size, *video), jnp.uint8, sharding=sharding),
-            "label": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=sharding),
-            **{k: jax.ShapeDtypeStruct((size,), t, sharding=sharding) for k, t in more.items()},
-        }
-
-    programs = {
-        "training step": lambda: train_step.lower(
-            state_spec, batch_spec(batch_size, (frames, crop, crop, 3))
-        )
-    }
-    if eval_every:
-        variables_spec = {k: getattr(state_spec, k) for k in ("params", "batch_stats")}
-        val_spec = batch_spec(eval_batch_size, data.eval_view_shape(val_cfg), valid=jnp.bool_)
-        programs["evaluation step"] = lambda: eval_step.lower(variables_spec, val_spec)
+    if main:
+        sizes = optim.group_sizes(params_shape, partial_bn=partial_bn)
+        note(f"{cfg.model.name}: {sum(sizes.values()):,} parameters; optimiser groups {sizes}")
 
     # --- Resume, or initialise ----------------------------------------------------------------
     train_iter = data.make_train_iterator(
@@ -361,6 +321,46 @@ def _run(
                 init_from = modelio.load_for_init(cfg.init_from, model)
             state = _init_from(cfg.init_from, init_from, state, state_sharding)
     start_step = int(_to_host(state.step))
+
+    # --- Steps ---------------------------------------------------------------------------------
+    normalize = data.normalize
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(
+            model, tx, normalize=normalize, compute_dtype=compute_dtype, grad_accum_steps=accum
+        ),
+        mesh,
+        state_sharding,
+    )
+    eval_step = step_lib.jit_eval_step(
+        step_lib.make_eval_step(model, normalize=normalize, compute_dtype=compute_dtype), mesh
+    )
+
+    # In-training validation follows the release: 1 clip (segment centres) × 1 centre crop,
+    # whatever test protocol the data config names for the evaluator.
+    val_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    val_cfg.test_clips, val_cfg.test_crops = "single", 1
+
+    # The steps' arguments, shardings included: they are part of the key under which jit
+    # finds the programs compiled here.
+    def batch_spec(size: int, video: tuple[int, ...], **more: Any) -> dict[str, Any]:
+        """`data.to_global` of the iterators' batches (pipeline.TrainSample, EvalSample)."""
+        sharding = mesh_lib.batch_sharded(mesh)
+        return {
+            "video": jax.ShapeDtypeStruct((size, *video), jnp.uint8, sharding=sharding),
+            "label": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=sharding),
+            **{k: jax.ShapeDtypeStruct((size,), t, sharding=sharding) for k, t in more.items()},
+        }
+
+    programs = {
+        "training step": lambda: train_step.lower(
+            state_spec, batch_spec(batch_size, (frames, crop, crop, 3))
+        )
+    }
+    if eval_every:
+        variables_spec = {k: getattr(state_spec, k) for k in ("params", "batch_stats")}
+        val_spec = batch_spec(eval_batch_size, data.eval_view_shape(val_cfg), valid=jnp.bool_)
+        programs["evaluation step"] = lambda: eval_step.lower(variables_spec, val_spec)
+
     if start_step < total_steps:
         # After the restore, which refuses a checkpoint of another optimiser or process count
         # in seconds; before the first batch is read or anything is saved.
