@@ -126,7 +126,6 @@ _GLIBC_MMAP_MAX, _GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024
 # The kept heap is a cache: past this share of the memory the process may use, it is handed back.
 RETAIN_LIMIT_FRACTION = 0.5
 _retained = False
-_arena_set = False  # the single arena, once set, stays for the life of the process
 # Set by `release_host_memory` to stop the watchdog; a fresh one per `retain_host_memory`, so a
 # retain after a release gets a watchdog again.
 _released = threading.Event()
@@ -247,7 +246,7 @@ def retain_host_memory(limit_bytes: int | None = None, poll_s: float = 0.5) -> b
     resident set can be read (without it nothing would bound the heap). Returns whether it
     applied the settings.
     """
-    global _retained, _released, _arena_set
+    global _retained, _released
     if _retained:
         return True
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or not _cpu_only():
@@ -260,7 +259,6 @@ def retain_host_memory(limit_bytes: int | None = None, poll_s: float = 0.5) -> b
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
     _retained = all(mallopt(param, value) == 1 for param, value in settings)
-    _arena_set = _retained
     if _retained:
         _released = threading.Event()
         limit = int(RETAIN_LIMIT_FRACTION * memory_limit()) if limit_bytes is None else limit_bytes
@@ -295,8 +293,8 @@ def _watch(limit: int, poll_s: float, released: threading.Event) -> None:
 
 def single_arena() -> bool:
     """Whether `retain_host_memory` set glibc's single arena in this process (it stays after
-    `release_host_memory`, which cannot undo it)."""
-    return _arena_set
+    `release_host_memory`, which cannot undo it, and sets `_released` only after a retain)."""
+    return _retained or _released.is_set()
 
 
 def release_host_memory() -> bool:

@@ -133,8 +133,9 @@ class Progress:
         return rate
 
     def restart_clock(self) -> None:
-        """Times the next interval's clips/s from now: after the first step, whose call is slower
-        (the heap grows to the step's size), so that the first rate is the steps' own."""
+        """Times the next interval's clips/s from now: after the first step, whose call runs the
+        step for the first time (slower, presumably the heap growing to the step's size; not
+        measured apart), so that the first rate is the steps' own."""
         self._last = (self._last[0], time.perf_counter())
 
     def write(self, message: str) -> None:
