@@ -55,13 +55,17 @@ def tiny_config(data_dir: str):
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
-    """The synthetic dataset and a compilation cache, shared by every run of the session."""
+    """The synthetic dataset, and the compilation cache shared by every run of the session.
+
+    The cache is the one this process already uses (conftest's): JAX reads its directory once,
+    at the process's first compile, so a directory set later would be this process's in name
+    only, and the subprocesses given it would compile every program again (~36 s each).
+    """
     base = tmp_path_factory.mktemp("train_run")
-    data_dir, cache = str(base / "tfds"), str(base / "jax_cache")
+    data_dir, cache = str(base / "tfds"), jax.config.jax_compilation_cache_dir
     from aia_jax.data import synthetic
 
     synthetic.prepare(data_dir, 64, 24, 0)
-    jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return {"data_dir": data_dir, "cache": cache}
