@@ -55,20 +55,21 @@ def tiny_config(data_dir: str):
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
-    """The synthetic dataset, and the compilation cache shared by every run of the session.
+    """The synthetic dataset; every run of the session writes every program it compiles.
 
-    The cache is the one this process already uses (conftest's): JAX reads its directory once,
-    at the process's first compile, so a directory set later would be this process's in name
-    only, and the subprocesses given it would compile every program again (~36 s each).
+    The runs share conftest's compilation cache, which the subprocesses inherit: JAX reads its
+    directory once, at the process's first compile, so a directory set here would be this
+    process's in name only, and the subprocesses given it would compile every program again
+    (~36 s each).
     """
     base = tmp_path_factory.mktemp("train_run")
-    data_dir, cache = str(base / "tfds"), jax.config.jax_compilation_cache_dir
+    data_dir = str(base / "tfds")
     from aia_jax.data import synthetic
 
     synthetic.prepare(data_dir, 64, 24, 0)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return {"data_dir": data_dir, "cache": cache}
+    return {"data_dir": data_dir}
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +86,6 @@ def launch(env, workdir, *, slow=0.0, overrides=""):
         import sys, time
         sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
         import jax
-        jax.config.update("jax_compilation_cache_dir", {env["cache"]!r})
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         import aia_jax.data as data
