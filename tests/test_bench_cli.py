@@ -21,6 +21,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import checkpoint_save  # noqa: E402
 import common  # noqa: E402
 import compile_time  # noqa: E402
 import first_run  # noqa: E402
@@ -61,6 +62,9 @@ def _usage_error(module, *argv: str) -> str:
         (unit, ["--units", "CinST,X"], "--units: unknown X"),
         (unit, ["--dtype", "float16"], "invalid choice"),
         (first_run, ["--rounds", "0"], "--rounds: expected at least 1"),
+        (checkpoint_save, ["--rounds", "0"], "--rounds: expected at least 1"),
+        (checkpoint_save, ["--saves", "1"], "--saves: expected at least 2"),
+        (checkpoint_save, ["--depth", "34"], "invalid choice"),
         (compile_time, ["--modes", "eval"], "--modes: unknown eval"),
         (compile_time, ["--reps", "0"], "--reps: expected at least 1"),
         (compile_time, ["--dtype", "float32,bfloat16"], "--dtype: one value expected"),
