@@ -248,11 +248,10 @@ def test_create_rejects_unknown_names_with_the_list():
 
 # float32 C2D and TSM are compared with the PyTorch reference, gradients included, in
 # test_parity.py; the release has no I3D and no bf16. bf16 TSM runs through the trainer's step
-# in test_train_step.py.
+# in test_train_step.py (C2D is TSM without the shift: a bf16 C2D here compiled for 30-50 s and
+# checked nothing those two do not).
 @pytest.mark.parametrize(
-    "form,dtype",
-    [("I3D", jnp.float32), ("C2D", jnp.bfloat16), ("I3D", jnp.bfloat16)],
-    ids=["f32-I3D", "bf16-C2D", "bf16-I3D"],
+    "form,dtype", [("I3D", jnp.float32), ("I3D", jnp.bfloat16)], ids=["f32-I3D", "bf16-I3D"]
 )
 def test_jit_forward_and_gradient_step(form, dtype):
     model = models.create(

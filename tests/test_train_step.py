@@ -231,7 +231,7 @@ def test_logged_grad_norm_leaves_out_frozen_batchnorms():
 
 
 def test_bfloat16_compute_keeps_float32_state():
-    """bf16 TSM+CinST through the trainer's step (test_models covers bf16 C2D and I3D): a
+    """bf16 TSM+CinST through the trainer's step (test_models covers bf16 I3D): a
     finite loss and gradient, the gates learn, and the state stays float32."""
     state, fn = setup(dtype=jnp.bfloat16)
     new, m = run_steps(state, fn, [batch(8)], jax.devices())

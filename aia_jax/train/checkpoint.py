@@ -87,8 +87,8 @@ def _state_handler() -> ocp.StandardCheckpointHandler:
     holds a copy, a separately compiled `lax.slice` per slice, all before `save` returns. A
     data-parallel state is replicated on every device, so with 8 devices a save blocks the
     training loop for 8 slices of every array, and the first one also compiles 8 slices of every
-    shape: a TSM+CinST ResNet-50 state (942 arrays) on 8 CPU devices blocked for 8.0 s at the
-    first save and 0.95 s at each later one, against 0.26 s and 0.14-0.22 s written from one
+    shape: a TSM+CinST ResNet-50 state (942 arrays) on 8 CPU devices blocked for 7.0-7.4 s at
+    the first save and ~0.9 s at each later one, against 0.3 s and 0.15 s written from one
     replica (bench/RESULTS.md §8). What replica-parallel saves is write bandwidth in the
     asynchronous part, which a ResNet's few hundred MB does not need. The files are the same
     either way, and so is the handler's name in the checkpoint's metadata.
@@ -110,8 +110,10 @@ def _state_handler() -> ocp.StandardCheckpointHandler:
         ),
         (str, th.StringHandler()),
     )
-    if hasattr(handler, "_impl"):
-        handler._impl = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    if hasattr(handler, "_impl"):  # what StandardCheckpointHandler() wraps, with its settings
+        handler._impl = ocp.PyTreeCheckpointHandler(
+            save_concurrent_gb=96, restore_concurrent_gb=96, type_handler_registry=registry
+        )
     return handler
 
 
