@@ -94,20 +94,19 @@ def _state_handler() -> ocp.StandardCheckpointHandler:
     either way, and so is the handler's name in the checkpoint's metadata.
     """
     handler = ocp.StandardCheckpointHandler()
+    th = ocp.type_handlers
     try:
         from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: PLC0415
-    except ImportError:  # another Orbax layout: its default handler
+
+        arrays = th.ArrayHandler(
+            use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
+        )
+    except (ImportError, TypeError):  # an Orbax without these: its default handler
         return handler
-    th = ocp.type_handlers
     registry = th.create_type_handler_registry(
         *((t, th.ScalarHandler()) for t in (int, float, bytes, np.number)),
         (np.ndarray, th.NumpyHandler()),
-        (
-            jax.Array,
-            th.ArrayHandler(
-                use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
-            ),
-        ),
+        (jax.Array, arrays),
         (str, th.StringHandler()),
     )
     if hasattr(handler, "_impl"):  # what StandardCheckpointHandler() wraps, with its settings
