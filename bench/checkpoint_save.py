@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+import common
+
 HERE = pathlib.Path(__file__).resolve().parent
 VARIANTS = ("one replica", "replica-parallel")
 
@@ -87,6 +89,12 @@ def child(variant: str, args: argparse.Namespace) -> dict:
     }
 
 
+def seconds(result: dict, key: str) -> tuple[float, float]:
+    """`key` ('blocked' or 'total') of a child's first save and the median of its later ones."""
+    saves = result["saves"]
+    return saves[0][key], statistics.median(s[key] for s in saves[1:])
+
+
 def run_child(variant: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "")
@@ -109,17 +117,11 @@ def main() -> None:
     parser.add_argument("--tmp", default=None, help="where the checkpoints are written")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for name in ("devices", "saves", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name}: expected at least 1, got {getattr(args, name)}")
-    if args.saves < 2:
-        parser.error("--saves: expected at least 2 (the first save compiles)")
+    common.check_at_least(parser, args, 1, "devices", "rounds")
+    common.check_at_least(parser, args, 2, "saves")  # the first save compiles
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
-    sys.path.insert(0, str(HERE))
-    import common
-
     args.tmp = args.tmp or tempfile.gettempdir()
     results = {v: [] for v in VARIANTS}
     for _ in range(args.rounds):
@@ -137,23 +139,17 @@ def main() -> None:
     print("|---|---|---|---|")
     for variant in VARIANTS:
         for n, r in enumerate(results[variant], 1):
-            s = r["saves"]
-            later_b = statistics.median(x["blocked"] for x in s[1:])
-            later_t = statistics.median(x["total"] for x in s[1:])
+            blocked, total = seconds(r, "blocked"), seconds(r, "total")
             print(
-                f"| {variant} | {n} | {s[0]['blocked']:.2f} / {s[0]['total']:.2f} "
-                f"| {later_b:.2f} / {later_t:.2f} |"
+                f"| {variant} | {n} | {blocked[0]:.2f} / {total[0]:.2f} "
+                f"| {blocked[1]:.2f} / {total[1]:.2f} |"
             )
-
-    def blocked(r: dict, first_save: bool) -> float:
-        s = r["saves"]
-        return s[0]["blocked"] if first_save else statistics.median(x["blocked"] for x in s[1:])
-
     print("\nBlocked time, replica-parallel / one replica, per round (same round's processes):")
     for n, (a, b) in enumerate(zip(*(results[v] for v in VARIANTS)), 1):
+        (a_first, a_later), (b_first, b_later) = seconds(a, "blocked"), seconds(b, "blocked")
         print(
-            f"- round {n}: first save {blocked(b, True) / blocked(a, True):.1f}×, "
-            f"later saves {blocked(b, False) / blocked(a, False):.1f}×"
+            f"- round {n}: first save {b_first / a_first:.1f}×, "
+            f"later saves {b_later / a_later:.1f}×"
         )
 
 

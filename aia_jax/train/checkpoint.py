@@ -87,9 +87,9 @@ def _state_handler() -> ocp.StandardCheckpointHandler:
     holds a copy, a separately compiled `lax.slice` per slice, all before `save` returns. A
     data-parallel state is replicated on every device, so with 8 devices a save blocks the
     training loop for 8 slices of every array, and the first one also compiles 8 slices of every
-    shape: a TSM+CinST ResNet-50 state (942 arrays) on 8 CPU devices blocked for 7.0-7.4 s at
-    the first save and ~0.9 s at each later one, against 0.3 s and 0.15 s written from one
-    replica (bench/RESULTS.md §8). What replica-parallel saves is write bandwidth in the
+    shape: a TSM+CinST ResNet-50 state (942 arrays) on 8 CPU devices blocked for 7-11 s at the
+    first save and 0.9-1.5 s at each later one, against 0.3-0.5 s and 0.15-0.2 s written from
+    one replica (bench/RESULTS.md §8). What replica-parallel saves is write bandwidth in the
     asynchronous part, which a ResNet's few hundred MB does not need. The files are the same
     either way, and so is the handler's name in the checkpoint's metadata.
     """
@@ -103,11 +103,10 @@ def _state_handler() -> ocp.StandardCheckpointHandler:
         )
     except (ImportError, TypeError):  # an Orbax without these: its default handler
         return handler
+    # Orbax's registered handlers for everything else the state may hold.
+    others = (int, float, bytes, np.number, np.ndarray, str)
     registry = th.create_type_handler_registry(
-        *((t, th.ScalarHandler()) for t in (int, float, bytes, np.number)),
-        (np.ndarray, th.NumpyHandler()),
-        (jax.Array, arrays),
-        (str, th.StringHandler()),
+        *((t, th.get_type_handler(t)) for t in others), (jax.Array, arrays)
     )
     if hasattr(handler, "_impl"):  # what StandardCheckpointHandler() wraps, with its settings
         handler._impl = ocp.PyTreeCheckpointHandler(
