@@ -119,6 +119,29 @@ def test_gate_conv_value_and_gradient(shape):
     _close(vjp_fused(dout), vjp_ref(dout), 1e-5, 1e-5)
 
 
+def test_gate_convs_stacks_gates_of_one_shape_and_equals_each_gate_alone():
+    # Gates 1 and 3 share a shape and are computed stacked (one custom-gradient call for both);
+    # gate 2 alone. Each result and gradient equals its gate's own `gate_conv`, under jit too.
+    shapes = [(2, 3, 5, 4), (2, 3, 4, 5), (2, 3, 5, 4)]
+    p_max = [_normal(20 + i, s) for i, s in enumerate(shapes)]
+    p_mean = [_normal(30 + i, s) for i, s in enumerate(shapes)]
+    kernels = [_normal(40 + i, (3, 3, 3, 2, 1)).at[0, 0, 0, 0, 0].set(-1.5) for i in range(3)]
+    douts = tuple(_normal(50 + i, s) for i, s in enumerate(shapes))
+
+    def each(a, b, k):
+        return tuple(fused.gate_conv(*args) for args in zip(a, b, k, strict=True))
+
+    jaxpr = jax.make_jaxpr(fused.gate_convs)(p_max, p_mean, kernels)
+    assert str(jaxpr).count("custom_vjp_call") == 2
+    out, vjp = jax.vjp(fused.gate_convs, p_max, p_mean, kernels)
+    want, vjp_ref = jax.vjp(each, p_max, p_mean, kernels)
+    _close(out, want, 1e-6, 1e-6)
+    _close(vjp(douts), vjp_ref(douts), 1e-6, 1e-6)
+    jitted = jax.jit(lambda *a: jax.vjp(fused.gate_convs, *a)[1](douts))
+    _close(jitted(p_max, p_mean, kernels), vjp_ref(douts), 1e-5, 1e-5)
+    _close(jax.jit(fused.gate_convs)(p_max, p_mean, kernels), want, 1e-6, 1e-6)
+
+
 @pytest.mark.parametrize("anchor", [-3.7, -1.0, -0.5, 0.0, 2.0, np.nan, -np.inf, np.inf])
 def test_materialize_returns_the_map_whatever_the_anchor(anchor):
     x = _normal(2, (2, 3, 4, 5))
@@ -237,10 +260,17 @@ def _unit_pair(module_cls, name, x, train):
     return run(fast), run(plain)
 
 
+# h = w stacks the H and W gates' convolutions (`fused.gate_convs`), t = h = w = c all three of
+# T, H and W; the C unit has one gate, nothing to stack.
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("unit", list(UNIT_GATES))
-def test_unit_fused_equals_xla(unit, train):
-    x = _normal(10, SHAPE)
+@pytest.mark.parametrize(
+    "unit, shape",
+    [(u, SHAPE) for u in UNIT_GATES]
+    + [(u, s) for u in UNIT_GATES if u != "C" for s in [(2, 3, 5, 5, 6), (2, 4, 4, 4, 4)]],
+    ids=str,
+)
+def test_unit_fused_equals_xla(unit, train, shape):
+    x = _normal(10, shape)
     (y_f, upd_f, grads_f), (y_x, upd_x, grads_x) = _unit_pair(models.AttentionUnit, unit, x, train)
     _close(y_f, y_x, err_msg="value")
     _close(upd_f, upd_x, err_msg="batch_stats")

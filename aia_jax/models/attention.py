@@ -140,8 +140,11 @@ class GateConv(nn.Module):
         It computes in `fused.compute_dtype` of the channels. Taking the channels apart skips the
         stacked `[..., 2]` copy (and its gradient's).
         """
-        kernel = jnp.transpose(self.kernel, GATE_KERNEL_PERM[self.gate])
-        return fused.gate_conv(p_max, p_mean, kernel)
+        return fused.gate_conv(p_max, p_mean, self.map_order_kernel())
+
+    def map_order_kernel(self) -> jax.Array:
+        """The kernel permuted to the order of the pooled map's axes (`GATE_KERNEL_PERM`)."""
+        return jnp.transpose(self.kernel, GATE_KERNEL_PERM[self.gate])
 
 
 class GateNorm(nn.Module):
@@ -265,9 +268,14 @@ class AttentionUnit(nn.Module):
             # A gate's kernel anchors the pool's copy of the map: replicated, so that a
             # sharded batch needs no collective for it (`fused.pool`).
             pooled = fused.pool(inp, axes, gates[names[0]][0].kernel)
-            for n, (mx, mean) in zip(names, pooled, strict=True):
-                conv, bn = gates[n]
-                logits = bn(conv.taps(mx, mean).astype(self.dtype)[..., None])[..., 0]
+            # One call for the unit's gates, which computes gates of one pooled shape stacked.
+            convs = fused.gate_convs(
+                [mx for mx, _ in pooled],
+                [mean for _, mean in pooled],
+                [gates[n][0].map_order_kernel() for n in names],
+            )
+            for n, conv in zip(names, convs, strict=True):
+                logits = gates[n][1](conv.astype(self.dtype)[..., None])[..., 0]
                 out.append(jax.nn.sigmoid(logits.astype(fused.compute_dtype(logits.dtype))))
             return tuple(out)
 

@@ -21,7 +21,8 @@ kernel costs microseconds to launch whatever its size, so fewer kernels is faste
   same values.
 - `gate_conv(p_max, p_mean, kernel)`: the gate's convolution as 27 shifted multiply-adds of
   the small pooled map; input gradient by the flipped taps, kernel gradient as one variadic
-  reduction (54 sums in one loop).
+  reduction (54 sums in one loop). `gate_convs` computes several gates' convolutions, those of
+  one pooled shape (the H and W gates of a square map) stacked as one set of taps.
 - `gate_product(x, gates, axes, weights)`: `x · Σ w·gate` with each gate broadcast along the
   axis it was pooled over; gradient `dout·Σ w·gate` and, per gate, `w·Σ_axis(dout·x)`.
 - `batch_norm(x, scale, bias, epsilon)`: the gate's training-mode batch norm, its statistics
@@ -269,7 +270,7 @@ pool.defvjp(_pool_fwd, _pool_bwd)
 
 
 def _padded(v: jax.Array, width: int, anchor: jax.Array) -> jax.Array:
-    """`v` zero-padded by `width` on its three map axes, computed once into memory.
+    """`v` zero-padded by `width` on its three map axes (the last three), computed once into memory.
 
     The taps read it at 27 offsets per element, and XLA:CPU would fuse the padding into their
     loop as a bounds check on every read. It does not fuse an expensive op (a division) into a
@@ -286,7 +287,7 @@ def _padded(v: jax.Array, width: int, anchor: jax.Array) -> jax.Array:
     # The slabs take the map's sharding: joined to a batch-sharded map, an unsharded slab is
     # refused under explicit sharding.
     sharding = jax.typeof(v).sharding
-    for axis in (3, 2, 1):
+    for axis in range(v.ndim - 1, v.ndim - 4, -1):
         shape = v.shape[:axis] + (width,) + v.shape[axis + 1 :]
         slab = jnp.zeros(shape, v.dtype, out_sharding=sharding)
         v = jnp.concatenate([slab, v, slab], axis=axis)
@@ -322,8 +323,10 @@ def _interleaved_sum(terms: Iterable[jax.Array], chains: int = 4) -> jax.Array:
 
 
 def _window(v: jax.Array, start: Sequence[int], shape: Sequence[int]) -> jax.Array:
-    """`v[:, s1 : s1 + n1, s2 : s2 + n2, …]` for `start` (s1, s2, …) and `shape` (n1, n2, …)."""
-    return jax.lax.slice(v, (0, *start), (v.shape[0], *(s + n for s, n in zip(start, shape))))
+    """`v[…, s1 : s1 + n1, s2 : s2 + n2, s3 : s3 + n3]` for `start` (s1, …) and `shape` (n1, …)."""
+    lead = v.shape[: v.ndim - len(start)]
+    limit = (*lead, *(s + n for s, n in zip(start, shape)))
+    return jax.lax.slice(v, (0,) * len(lead) + tuple(start), limit)
 
 
 def _element(weights: jax.Array, *index: int) -> jax.Array:
@@ -331,16 +334,29 @@ def _element(weights: jax.Array, *index: int) -> jax.Array:
     return jax.lax.reshape(jax.lax.slice(weights, index, tuple(i + 1 for i in index)), ())
 
 
+def _scaled(v: jax.Array, weights: jax.Array, *index: int) -> jax.Array:
+    """`v · weights[index]`: a scalar weight, or for stacked gates (`weights` with a trailing
+    gate axis) gate g's weight times `v[g]`."""
+    if weights.ndim == len(index):
+        return jax.lax.mul(v, _element(weights, *index))
+    per_gate = jax.lax.slice(weights, (*index, 0), (*(i + 1 for i in index), weights.shape[-1]))
+    per_gate = jax.lax.reshape(per_gate, (weights.shape[-1],))
+    sharding = jax.typeof(v).sharding
+    return jax.lax.mul(v, jax.lax.broadcast_in_dim(per_gate, v.shape, (0,), out_sharding=sharding))
+
+
 def _taps(padded: Sequence[jax.Array], weights: jax.Array) -> jax.Array:
     """`Σ_tap Σ_i weights[tap, i] · padded[i][· + tap]` — a 'same' 3×3×3 cross-correlation.
 
     Args:
-      padded: the inputs `[b, D1, D2, D3]`, each zero-padded by 1 (`_padded`).
-      weights: `[27, len(padded)]`, taps in (D1, D2, D3) row-major order.
+      padded: the inputs `[b, D1, D2, D3]` or, for stacked gates, `[gates, b, D1, D2, D3]`,
+        each zero-padded by 1 on the map axes (`_padded`).
+      weights: `[27, len(padded)]`, taps in (D1, D2, D3) row-major order; `[27, len(padded),
+        gates]` for stacked gates.
     """
-    shape = tuple(n - 2 for n in padded[0].shape[1:])
+    shape = tuple(n - 2 for n in padded[0].shape[-3:])
     return _interleaved_sum(
-        jax.lax.mul(_window(v, tap, shape), _element(weights, t, c))
+        _scaled(_window(v, tap, shape), weights, t, c)
         for t, tap in enumerate(_TAPS)
         for c, v in enumerate(padded)
     )
@@ -358,24 +374,27 @@ def _probe(a: jax.Array) -> jax.Array:
     return jnp.max(a[tuple(slice(None) if s is not None else slice(0, 1) for s in spec)])
 
 
-def materialize(x: jax.Array, anchor: jax.Array) -> jax.Array:
+def materialize(x: jax.Array, anchor: jax.Array, axis: int = 1) -> jax.Array:
     """`x`, computed once into memory instead of being fused into (and recomputed by) its users.
 
     XLA:CPU fuses an elementwise producer into every elementwise user, whatever it costs: the
     54 multiply-adds of a gate convolution would be redone by the batch norm, its statistics
     and its gradient (`lax.optimization_barrier` does not survive its pipeline), and the copies
     need not round alike, which breaks users that compare values across them. Read back
-    through a dynamic slice whose start XLA cannot constant-fold (`anchor` is any traced array;
-    the start is clamped to 0), `x` is written once. An empty `anchor` anchors on `x` itself.
+    through a dynamic slice along `axis` (one a mesh does not shard) whose start XLA cannot
+    constant-fold (`anchor` is any traced array; the start is clamped to 0), `x` is written
+    once. An empty `anchor` anchors on `x` itself.
     """
     if x.size == 0:
         return x
-    stacked = jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2))
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, 1)
+    stacked = jnp.pad(x, widths)
     start = jnp.minimum(_probe(anchor if anchor.size else x).astype(jnp.int32), 0)
     # A negative start must clamp to 0, not count from the end (which shifted the map by one
     # wherever the anchor's first element was -1 or less).
     return jax.lax.dynamic_slice_in_dim(
-        stacked, start, x.shape[1], axis=1, allow_negative_indices=False
+        stacked, start, x.shape[axis], axis=axis, allow_negative_indices=False
     )
 
 
@@ -385,6 +404,9 @@ def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
     Args:
       padded: the convolution's inputs, zero-padded by 1 (`_padded`, in memory).
       wide: its output gradient `dout`, zero-padded by 2.
+
+    Returns:
+      `[27, n]`, or `[27, n, gates]` for stacked gates (`[gates, b, …]` inputs).
 
     All 27·n sums are one variadic reduction, which XLA emits as a single loop over the map
     (54 accumulators) instead of 54 passes, and which it does not rewrite into a dot (the
@@ -399,7 +421,7 @@ def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
     partitioned as an all-gather per output (54 per gate), one plain sum over it is one
     all-reduce.
     """
-    shape = tuple(n - 4 for n in wide.shape[1:])
+    shape = tuple(n - 4 for n in wide.shape[-3:])
     dout = _window(wide, (2, 2, 2), shape)
     operands = tuple(jax.lax.mul(_window(v, tap, shape), dout) for tap in _TAPS for v in padded)
     zeros = tuple(jnp.zeros((), o.dtype) for o in operands)
@@ -407,19 +429,25 @@ def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
     def add(a, b):
         return tuple(jax.lax.add(x, y) for x, y in zip(a, b))
 
-    sums = jax.lax.reduce(operands, zeros, add, (2, 3))
-    return jnp.stack(sums).sum(axis=(1, 2)).reshape(len(_TAPS), len(padded))
+    ndim = wide.ndim
+    sums = jnp.stack(jax.lax.reduce(operands, zeros, add, (ndim - 2, ndim - 1)))
+    if ndim == 4:
+        return sums.sum(axis=(1, 2)).reshape(len(_TAPS), len(padded))
+    # Stacked gates: [54, gates, b, D1] → [27, n, gates].
+    return sums.sum(axis=(2, 3)).reshape(len(_TAPS), len(padded), wide.shape[0])
 
 
 def _transposed_taps(wide: jax.Array, weights: jax.Array) -> jax.Array:
     """Input gradient of `_taps` for one input: `Σ_tap w[26 - tap] · pad(dout, 1)[· + tap]`.
 
+    `weights` is `[27]`, or `[27, gates]` for stacked gates.
+
     Reads `wide` (dout padded by 2) at offset 1, so that it shares the buffer `_kernel_grad`
     reads.
     """
-    shape = tuple(n - 4 for n in wide.shape[1:])
+    shape = tuple(n - 4 for n in wide.shape[-3:])
     return _interleaved_sum(
-        jax.lax.mul(_window(wide, (1 + i, 1 + j, 1 + k), shape), _element(weights, 26 - t))
+        _scaled(_window(wide, (1 + i, 1 + j, 1 + k), shape), weights, 26 - t)
         for t, (i, j, k) in enumerate(_TAPS)
     )
 
@@ -443,36 +471,83 @@ def gate_conv(p_max: jax.Array, p_mean: jax.Array, kernel: jax.Array) -> jax.Arr
     return _gate_conv(p_max.astype(dtype), p_mean.astype(dtype), kernel)
 
 
+def gate_convs(
+    p_maxes: Sequence[jax.Array], p_means: Sequence[jax.Array], kernels: Sequence[jax.Array]
+) -> tuple[jax.Array, ...]:
+    """`gate_conv` of several gates: `(gate_conv(p_maxes[i], p_means[i], kernels[i]), …)`.
+
+    Gates whose pooled maps have one shape (a unit's H and W gates when h = w, which is every
+    square crop) are computed stacked, as one set of taps with a weight per gate: the taps are
+    most of an attention network's program (bench/RESULTS.md §4, "Compile time"), and one set
+    for two gates makes it smaller and is fewer kernels to launch.
+    """
+    dtype = compute_dtype(*(v.dtype for v in (*p_maxes, *p_means)))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, v in enumerate(p_maxes):
+        groups.setdefault(v.shape, []).append(i)
+    out: list[jax.Array | None] = [None] * len(p_maxes)
+    for members in groups.values():
+        if len(members) == 1:
+            (i,) = members
+            out[i] = _gate_conv(p_maxes[i].astype(dtype), p_means[i].astype(dtype), kernels[i])
+            continue
+        # `jnp.stack` of a batch-sharded map keeps the batch's sharding (on axis 1).
+        stacked = _gate_conv(
+            jnp.stack([p_maxes[i].astype(dtype) for i in members]),
+            jnp.stack([p_means[i].astype(dtype) for i in members]),
+            jnp.stack([kernels[i] for i in members]),
+        )
+        for n, i in enumerate(members):
+            out[i] = stacked[n]
+    return tuple(out)
+
+
+def _tap_weights(kernel: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """The kernel `[3, 3, 3, 2, 1]` as `[27, 2]` tap weights; stacked `[gates, 3, 3, 3, 2, 1]`
+    as `[27, 2, gates]`."""
+    if kernel.ndim == 5:
+        return kernel.reshape(27, 2).astype(dtype)
+    return jnp.transpose(kernel.reshape(-1, 27, 2), (1, 2, 0)).astype(dtype)
+
+
+def _pad_map(v: jax.Array, width: int) -> jax.Array:
+    return jnp.pad(v, ((0, 0),) * (v.ndim - 3) + ((width, width),) * 3)
+
+
 @jax.custom_vjp
 def _gate_conv(p_max: jax.Array, p_mean: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`gate_conv` for channels of one dtype, float32 or wider."""
+    """`gate_conv` for channels of one dtype, float32 or wider; with a leading gate axis on all
+    three (`[gates, b, D1, D2, D3]`, `[gates, 3, 3, 3, 2, 1]`), of stacked gates."""
     # Not differentiated (inference), the output's users are the gate's batch norm with running
     # statistics and its sigmoid: elementwise, they fuse into the taps' loop, and XLA writes the
     # sigmoid once (it does not fuse an expensive op into the product that broadcasts it). The
     # tricks `_gate_conv_fwd` needs for the gradient would only add kernels here: 20 of the 45
     # in a CinST unit's inference, and 5-10 % of its time (bench/RESULTS.md §3, 2026-12-05).
-    padded = tuple(jnp.pad(v, ((0, 0), (1, 1), (1, 1), (1, 1))) for v in (p_max, p_mean))
-    return _taps(padded, kernel.reshape(27, 2).astype(p_max.dtype))
+    padded = (_pad_map(p_max, 1), _pad_map(p_mean, 1))
+    return _taps(padded, _tap_weights(kernel, p_max.dtype))
 
 
 def _gate_conv_fwd(p_max, p_mean, kernel):
     # The padded inputs are kept for the kernel gradient: padded again there, the padding would
     # be fused into its loop as a bounds check on each of the 27 reads of every element.
     padded = (_padded(p_max, 1, kernel), _padded(p_mean, 1, kernel))
-    out = _taps(padded, kernel.reshape(27, 2).astype(p_max.dtype))
-    return materialize(out, kernel), (padded, kernel)
+    out = _taps(padded, _tap_weights(kernel, p_max.dtype))
+    # Materialized along D1: the batch axis (0, or 1 when stacked) is the one a mesh shards.
+    return materialize(out, kernel, axis=out.ndim - 3), (padded, kernel)
 
 
 def _gate_conv_bwd(res, dout):
     padded, kernel = res
     dtype = padded[0].dtype
-    w = kernel.reshape(27, 2).astype(dtype)
+    w = _tap_weights(kernel, dtype)
     # A wider cotangent than the output can arrive (a float32 gate in a float64 network).
     wide = _padded(dout.astype(dtype), 2, kernel)
     d_max = _transposed_taps(wide, w[:, 0])
     d_mean = _transposed_taps(wide, w[:, 1])
-    dk = _kernel_grad(padded, wide).reshape(kernel.shape).astype(kernel.dtype)
-    return d_max, d_mean, dk
+    dk = _kernel_grad(padded, wide)
+    if kernel.ndim == 6:
+        dk = jnp.transpose(dk, (2, 0, 1))
+    return d_max, d_mean, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
 _gate_conv.defvjp(_gate_conv_fwd, _gate_conv_bwd)
