@@ -385,6 +385,30 @@ def test_fused_gate_conv_under_explicit_sharding():
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
+def test_stacked_gate_convs_under_explicit_sharding():
+    # Two gates of one pooled shape run stacked on a new leading axis, the (sharded) batch on
+    # the next; their output is materialized along D1: `materialize`'s padding of the batch axis
+    # is refused under Explicit axes. Same values and gradients.
+    from jax.sharding import PartitionSpec as P
+
+    from aia_jax.models import fused
+
+    maps = jax.random.normal(KEY, (4, 8, 5, 6, 4))
+    kernels = jax.random.normal(jax.random.key(1), (2, 3, 3, 3, 2, 1))
+
+    def loss(maps, kernels):
+        a, b = fused.gate_convs([maps[0], maps[1]], [maps[2], maps[3]], [kernels[0], kernels[1]])
+        return jnp.sum(a**2) + jnp.sum(jnp.sin(b))
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    want = step(maps, kernels)
+    mesh = _explicit_mesh()
+    with jax.set_mesh(mesh):
+        got = step(_on_mesh(mesh, maps, P(None, "data")), _on_mesh(mesh, kernels, P()))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
 def test_pools_without_anchor_under_explicit_sharding():
     # Without an anchor the public pools copied the map through one element of it, which
     # explicit sharding refuses to index on a batch-sharded map. Same values and gradients.
