@@ -476,6 +476,8 @@ def gate_convs(
 ) -> tuple[jax.Array, ...]:
     """`gate_conv` of several gates: `(gate_conv(p_maxes[i], p_means[i], kernels[i]), …)`.
 
+    Stacked gates compute in the `compute_dtype` of all their channels.
+
     Gates whose pooled maps have one shape (a unit's H and W gates when h = w, which is every
     square crop) are computed stacked, as one set of taps with a weight per gate: the taps are
     most of an attention network's program (bench/RESULTS.md §4, "Compile time"), and one set
@@ -489,7 +491,7 @@ def gate_convs(
     for members in groups.values():
         if len(members) == 1:
             (i,) = members
-            out[i] = _gate_conv(p_maxes[i].astype(dtype), p_means[i].astype(dtype), kernels[i])
+            out[i] = gate_conv(p_maxes[i], p_means[i], kernels[i])
             continue
         # `jnp.stack` of a batch-sharded map keeps the batch's sharding (on axis 1).
         stacked = _gate_conv(
