@@ -431,10 +431,9 @@ def _kernel_grad(padded: Sequence[jax.Array], wide: jax.Array) -> jax.Array:
 
     ndim = wide.ndim
     sums = jnp.stack(jax.lax.reduce(operands, zeros, add, (ndim - 2, ndim - 1)))
-    if ndim == 4:
-        return sums.sum(axis=(1, 2)).reshape(len(_TAPS), len(padded))
-    # Stacked gates: [54, gates, b, D1] → [27, n, gates].
-    return sums.sum(axis=(2, 3)).reshape(len(_TAPS), len(padded), wide.shape[0])
+    # [54, (gates,) b, D1] → [27, n(, gates)].
+    gates = wide.shape[:-4]
+    return sums.sum(axis=(ndim - 3, ndim - 2)).reshape(len(_TAPS), len(padded), *gates)
 
 
 def _transposed_taps(wide: jax.Array, weights: jax.Array) -> jax.Array:
