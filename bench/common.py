@@ -10,15 +10,20 @@ Not part of the test suite: nothing here asserts, everything here times.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import ctypes
 import datetime
 import functools
+import importlib
 import math
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -291,17 +296,49 @@ def jax_clips(batch: int, frames: int, size: int, seed: int = 0) -> jax.Array:
 
 
 def jax_model(
-    name: str, dtype: str, frames: int = 8, impl: str | None = None, remat: bool = False
+    name: str,
+    dtype: str,
+    frames: int = 8,
+    impl: str | None = None,
+    remat: bool = False,
+    package: Any = models,
 ) -> models.VideoNet:
-    """The network of `name`; `impl` is its attention computation (None: the library default)."""
-    return models.create(
+    """The network of `name`; `impl` is its attention computation (None: the library default).
+
+    `package`: the `models` package to build it from (`baseline_models`: another checkout's).
+    """
+    return package.create(
         name,
         num_classes=NUM_CLASSES,
         num_segments=frames,
         dtype=DTYPES[dtype],
-        attention_impl=impl or models.DEFAULT_IMPL,
+        attention_impl=impl or package.DEFAULT_IMPL,
         remat=remat,
     )
+
+
+_IMPORT_OF_THE_PACKAGE = re.compile(r"^(\s*)(from|import)\s+aia_jax(?=[.\s])", re.MULTILINE)
+
+
+def baseline_models(checkout: str) -> Any:
+    """`aia_jax.models` of another checkout (e.g. a `git worktree` of an older commit), beside
+    this one's in the same process, so that an A/B of a network is timed round-robin.
+
+    The checkout's `aia_jax` is copied to a temporary directory as the package
+    `aia_jax_baseline`, its own imports of `aia_jax` renamed, and imported from there.
+    """
+    source = Path(checkout) / "aia_jax"
+    if not (source / "models" / "__init__.py").is_file():
+        raise FileNotFoundError(f"no aia_jax/models/__init__.py in {checkout}")
+    root = Path(tempfile.mkdtemp(prefix="aia_jax_baseline_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    copy = root / "aia_jax_baseline"
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in copy.rglob("*.py"):
+        text = path.read_text("utf-8")
+        path.write_text(_IMPORT_OF_THE_PACKAGE.sub(r"\1\2 aia_jax_baseline", text), "utf-8")
+    sys.path.insert(0, str(root))
+    return importlib.import_module("aia_jax_baseline.models")
 
 
 def jax_variables(model: models.VideoNet, clips: jax.Array) -> Any:

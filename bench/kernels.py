@@ -14,7 +14,9 @@ split into the attention's (instructions whose op name is inside an `eft` unit) 
 how long at least one and how long two or more kernels were running at once; and the kernels
 per call. Then the `--top` kernels by their median time per call. A kernel's events are those
 the trace shows: a YNNPACK convolution that splits its work between threads may appear once
-per thread, an XLA loop as one event.
+per thread, an XLA loop as one event. Tracing itself can slow a kernel: a unit's inference
+gating product ran 3× slower while traced, where other loops over the same map did not
+(bench/RESULTS.md §4, session 44); check a surprising figure untraced (`bench/unit.py`).
 
 On the 2-core CPU hosts of bench/RESULTS.md this showed that the attention's cost in a network
 is its kernels' time, not idle gaps between them, and that in a training step it also takes

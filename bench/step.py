@@ -27,6 +27,12 @@ overrides it); the PyTorch columns give time, clips/s and the JAX/PyTorch time r
 `--remat` adds the same network with `remat=True` (each backbone block recomputed in the
 backward pass) to every training row, timed in the same round-robin: its time, its time over
 the plain step's and its compiled peak memory.
+
+`--baseline DIR` adds the same network built from another checkout's `aia_jax.models` (e.g. a
+`git worktree` of an older commit; `common.baseline_models`) to every row, timed in the same
+round-robin: its time and this checkout's overhead over it, paired round by round
+(`common.paired_overhead`), so that an A/B of a change to the models is not at the mercy of
+the load between two runs. The training step around it is this checkout's.
 """
 
 from __future__ import annotations
@@ -59,6 +65,11 @@ def run_config(args, form: str, placement: str, dtype: str, batch: int, mode: st
             remat_model, variables, clips, labels, mode
         )
         row.update({f"remat_{k}": v for k, v in common.cost(remat_compiled).items()})
+    if args.baseline_models is not None:
+        base = common.jax_model(name, dtype, args.frames, args.impl, package=args.baseline_models)
+        fns["baseline"], _, row["baseline_compile_s"] = common.compiled_runner(
+            base, common.jax_variables(base, clips), clips, labels, mode
+        )
     with_torch = form in common.TORCH_FORMS and not args.no_torch
     torch_dtypes = (args.torch_dtypes or [dtype]) if with_torch else []
     if torch_dtypes:
@@ -98,6 +109,9 @@ def fmt_rows(rows: list[dict], mode: str, peak: float) -> str:
     with_remat = any("remat_ms_median" in r for r in rows)
     if with_remat:
         head += " remat ms median (min) | remat / JAX time | remat XLA peak (temp) MiB |"
+    with_baseline = any("baseline_ms_median" in r for r in rows)
+    if with_baseline:
+        head += " baseline ms median (min) | JAX over baseline, paired [90 % CI] |"
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         name = common.model_name(r["form"], r["placement"])
@@ -126,6 +140,15 @@ def fmt_rows(rows: list[dict], mode: str, peak: float) -> str:
                 line += f" {rmed:.0f} ({r['remat_ms_min']:.0f}) | {rmed / med:.2f} |"
                 line += f" {r.get('remat_peak_bytes', float('nan')) / 2**20:.0f}"
                 line += f" ({r.get('remat_temp_bytes', float('nan')) / 2**20:.0f}) |"
+        if with_baseline:
+            bmed = r.get("baseline_ms_median")
+            if bmed is None:
+                line += " – | – |"
+            else:
+                paired = common.fmt_overhead(
+                    *common.paired_overhead(r["jax_ms_all"], r["baseline_ms_all"])
+                )
+                line += f" {bmed:.0f} ({r['baseline_ms_min']:.0f}) | {paired} |"
         out.append(line)
     return "\n".join(out)
 
@@ -147,11 +170,20 @@ def main() -> None:
         help="also time each training row with remat=True (blocks recomputed in the backward "
         "pass), in the same round-robin",
     )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="checkout whose aia_jax.models to time alongside each row (e.g. a git worktree)",
+    )
     args = parser.parse_args()
     common.check_common_flags(parser, args)
     common.check_choices(parser, "--modes", args.modes, ["infer", "train"])
     if args.torch_dtypes is not None:
         common.check_choices(parser, "--torch-dtypes", args.torch_dtypes, list(common.DTYPES))
+    try:
+        args.baseline_models = common.baseline_models(args.baseline) if args.baseline else None
+    except FileNotFoundError as e:
+        parser.error(f"--baseline: {e}")
 
     env = common.environment()
     common.print_environment(env)

@@ -14,18 +14,15 @@ a fifth did not change its time measurably (bench/RESULTS.md §3, 2026-12-04): t
 the program is cut up, not what it costs.
 
 `--baseline DIR` adds the rows `fused@baseline`: the same units built from another checkout's
-`aia_jax/models/attention.py` and `fused.py` (e.g. a `git worktree` of an older commit), timed
-in the same round-robin, so that an A/B of a change to either is not at the mercy of the load
+`aia_jax.models` (e.g. a `git worktree` of an older commit; `common.baseline_models`), timed in
+the same round-robin, so that an A/B of a change to them is not at the mercy of the load
 between two runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import pathlib
 import re
-import sys
 import time
 
 import common
@@ -56,27 +53,6 @@ def entry_instructions(compiled) -> list[tuple[str, str, str, str]]:
 def kernel_count(compiled) -> int:
     """Top-level operations of the compiled entry computation that do work."""
     return sum(op not in _NOT_KERNELS for _, _, op, _ in entry_instructions(compiled))
-
-
-def _load(name: str, path: pathlib.Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # Flax's dataclass transform looks the module up by name.
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_attention(checkout: str):
-    """The `attention` module of another checkout, imported under its own name with that
-    checkout's `fused` primitives."""
-    models = pathlib.Path(checkout) / "aia_jax" / "models"
-    for f in ("attention.py", "fused.py"):
-        if not (models / f).is_file():
-            raise SystemExit(f"--baseline {checkout}: no {models / f}")
-    fused = _load("baseline_fused", models / "fused.py")
-    module = _load("baseline_attention", models / "attention.py")
-    module.fused = fused
-    return module
 
 
 def build(unit: str, impl: str, shape: tuple[int, ...], dtype, models=attention) -> dict:
@@ -119,18 +95,20 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=list(common.DTYPES))
     parser.add_argument("--reps", type=int, default=15, help="timed rounds (median)")
     parser.add_argument(
-        "--baseline", help="checkout whose attention.py and fused.py to time alongside"
+        "--baseline", help="checkout whose aia_jax.models to time alongside (a git worktree)"
     )
     args = parser.parse_args()
     common.check_choices(parser, "--units", args.units, list(attention.UNIT_GATES))
     common.check_choices(parser, "--impls", args.impls, attention.IMPLS)
     common.check_at_least(parser, args, 1, "batch", "frames", "reps")
-    common.print_environment(common.environment())
-    dtype = common.DTYPES[args.dtype]
-
     variants = [(impl, impl, attention) for impl in args.impls]
     if args.baseline:
-        variants.append(("fused@baseline", "fused", load_attention(args.baseline)))
+        try:
+            variants.append(("fused@baseline", "fused", common.baseline_models(args.baseline)))
+        except FileNotFoundError as e:
+            parser.error(f"--baseline: {e}")
+    common.print_environment(common.environment())
+    dtype = common.DTYPES[args.dtype]
     runs = {}
     for unit in args.units:
         for label, impl, models in variants:

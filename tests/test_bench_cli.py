@@ -69,6 +69,8 @@ def _usage_error(module, *argv: str) -> str:
         (compile_time, ["--reps", "0"], "--reps: expected at least 1"),
         (compile_time, ["--dtype", "float32,bfloat16"], "--dtype: one value expected"),
         (compile_time, ["--baseline", "/nonexistent"], "no aia_jax/models/fused.py there"),
+        (step, ["--baseline", "/nonexistent"], "--baseline: no aia_jax/models/__init__.py in"),
+        (unit, ["--baseline", "/nonexistent"], "--baseline: no aia_jax/models/__init__.py in"),
     ],
 )
 def test_bad_arguments_give_one_usage_line(module, argv, message):
@@ -151,6 +153,32 @@ def test_step_table_columns():
     assert cells["JAX/PT float32 time"] == "0.50"
     assert cells["JAX/PT bfloat16 time"] == "0.80"
     assert cells["PT float32 mem+ MiB"] == "3"
+
+
+def test_step_table_pairs_each_round_with_the_baseline():
+    row = {
+        "form": "TSM", "placement": "CinST", "dtype": "float32", "batch": 1, "mode": "train",
+        "jax_ms_median": 110.0, "jax_ms_min": 105.0, "compile_s": 12.0, "flops": 1e12,
+        "torch_dtypes": [], "baseline_ms_median": 100.0, "baseline_ms_min": 95.0,
+        "jax_ms_all": [105.0, 110.0, 121.0, 110.0, 132.0],
+        "baseline_ms_all": [100.0, 100.0, 110.0, 100.0, 110.0],
+    }  # fmt: skip
+    head, _, line = step.fmt_rows([row], "train", peak=1e13).splitlines()
+    cells = dict(zip(head.strip("|").split("|"), line.strip("|").split("|"), strict=True))
+    assert cells[" baseline ms median (min) "] == " 100 (95) "
+    # Per round 1.05, 1.10, 1.10, 1.10, 1.20: the median and the 5-round interval [min, max].
+    assert cells[" JAX over baseline, paired [90 % CI] "] == " +10.0 % [+5.0, +20.0] "
+
+
+def test_baseline_models_are_another_checkouts_own_modules():
+    baseline = common.baseline_models(str(BENCH.parent))
+    assert baseline.__name__ == "aia_jax_baseline.models"
+    from aia_jax.models import attention  # noqa: PLC0415
+
+    # Its modules import each other, not this checkout's.
+    assert baseline.attention.fused.__name__ == "aia_jax_baseline.models.fused"
+    assert baseline.AttentionUnit is not attention.AttentionUnit
+    assert sorted(baseline.PLACEMENTS) == sorted(attention.PLACEMENTS)
 
 
 def test_flops_stage_sizes():
