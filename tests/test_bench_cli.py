@@ -1,8 +1,9 @@
 """Cheap checks of the benchmark scripts under bench/: their command lines and table formulas.
 
 Nothing here compiles a network or times anything: bad arguments must stop with a one-line
-usage error before any work, the tables' derived columns must follow from the raw numbers, and
-bench/gpu_session.sh must call only flags its scripts take.
+usage error before any work, the tables' derived columns must follow from the raw numbers,
+bench/gpu_session.sh must call only flags its scripts take, and the C++ kernels that
+bench/ffi_pool.py times must compute what they are timed against.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -24,6 +26,7 @@ sys.path.insert(0, str(BENCH))
 import checkpoint_save  # noqa: E402
 import common  # noqa: E402
 import compile_time  # noqa: E402
+import ffi_pool  # noqa: E402
 import first_run  # noqa: E402
 import flops  # noqa: E402
 import overhead  # noqa: E402
@@ -71,10 +74,27 @@ def _usage_error(module, *argv: str) -> str:
         (compile_time, ["--baseline", "/nonexistent"], "no aia_jax/models/fused.py there"),
         (step, ["--baseline", "/nonexistent"], "--baseline: no aia_jax/models/__init__.py in"),
         (unit, ["--baseline", "/nonexistent"], "--baseline: no aia_jax/models/__init__.py in"),
+        (ffi_pool, ["--reps", "0"], "--reps: expected at least 1"),
     ],
 )
 def test_bad_arguments_give_one_usage_line(module, argv, message):
     assert message in _usage_error(module, *argv)
+
+
+def test_ffi_pool_without_a_compiler_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    assert "no C++ compiler: set CXX" in _usage_error(ffi_pool)
+
+
+@pytest.mark.skipif(
+    ffi_pool.compiler() is None or jax.default_backend() != "cpu",
+    reason="the kernels are built with the host's C++ compiler, for the CPU backend",
+)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 19), (1, 8, 7, 7, 32)])
+def test_ffi_pool_kernels_equal_fused(shape):
+    """Pools (ties included) and the product's gradient, over a channel tail and whole vectors."""
+    ffi_pool.load(ffi_pool.compiler())
+    ffi_pool.check(shape)
 
 
 def test_compile_time_table_takes_medians_per_checkout(capsys):
