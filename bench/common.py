@@ -317,6 +317,13 @@ def jax_model(
     )
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A new temporary directory, removed when the process exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 _IMPORT_OF_THE_PACKAGE = re.compile(r"^(\s*)(from|import)\s+aia_jax(?=[.\s])", re.MULTILINE)
 
 
@@ -330,8 +337,7 @@ def baseline_models(checkout: str) -> Any:
     source = Path(checkout) / "aia_jax"
     if not (source / "models" / "__init__.py").is_file():
         raise FileNotFoundError(f"no aia_jax/models/__init__.py in {checkout}")
-    root = Path(tempfile.mkdtemp(prefix="aia_jax_baseline_"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    root = scratch_dir("aia_jax_baseline_")
     copy = root / "aia_jax_baseline"
     shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
     for path in copy.rglob("*.py"):

@@ -69,6 +69,14 @@ struct Axis {
   float* count;  // null without ties
 };
 
+// Accumulators [offset, offset + size) of `a` back to their start: max -inf, sum and count 0.
+template <bool kTies>
+void Reset(Axis a, int64_t offset, int64_t size) {
+  Fill(a.max + offset, size, -std::numeric_limits<float>::infinity());
+  Fill(a.sum + offset, size, 0.0f);
+  if (kTies) Fill(a.count + offset, size, 0.0f);
+}
+
 // Runs body(first_row, last_row, part) on rows [0, rows) in two halves: the first on the calling
 // thread (part 0), the second (part 1) on a task of XLA's intra-op thread pool, or on the
 // calling thread too if that task has not started by the time the first half is done (so a busy
@@ -104,18 +112,12 @@ void PoolRows(const float* x, const float* g, float* y, Shape d, int64_t r0, int
               Axis ah, Axis aw) {
   const auto [B, T, H, W, C] = d;
   (void)B;
-  const float lowest = -std::numeric_limits<float>::infinity();
-  auto reset = [&](Axis a, int64_t offset, int64_t size) {
-    Fill(a.max + offset, size, lowest);
-    Fill(a.sum + offset, size, 0.0f);
-    if (kTies) Fill(a.count + offset, size, 0.0f);
-  };
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / H, h = r % H;
-    for (int64_t t = 0; t < T; ++t) reset(aw, ((b * T + t) * H + h) * C, C);
+    for (int64_t t = 0; t < T; ++t) Reset<kTies>(aw, ((b * T + t) * H + h) * C, C);
     for (int64_t w = 0; w < W; ++w) {
       const int64_t ti = ((b * H + h) * W + w) * C;
-      reset(at, ti, C);
+      Reset<kTies>(at, ti, C);
       for (int64_t t = 0; t < T; ++t) {
         const int64_t pos = ((b * T + t) * H + h) * W + w;
         const int64_t hi = ((b * T + t) * W + w) * C;
@@ -146,20 +148,14 @@ template <bool kTies>
 void PoolTHW(ffi::ThreadPool& pool, bool split, const float* x, const float* g, float* y, Shape d,
              Axis at, Axis ah, Axis aw) {
   const int64_t size = d.B * d.T * d.W * d.C;
+  Reset<kTies>(ah, 0, size);
   if (!split) {
-    Fill(ah.max, size, -std::numeric_limits<float>::infinity());
-    Fill(ah.sum, size, 0.0f);
-    if (kTies) Fill(ah.count, size, 0.0f);
     PoolRows<kTies>(x, g, y, d, 0, d.B * d.H, at, ah, aw);
     return;
   }
   std::vector<float> spare((kTies ? 3 : 2) * size);
   Axis ah1{spare.data(), spare.data() + size, kTies ? spare.data() + 2 * size : nullptr};
-  for (Axis a : {ah, ah1}) {
-    Fill(a.max, size, -std::numeric_limits<float>::infinity());
-    Fill(a.sum, size, 0.0f);
-    if (kTies) Fill(a.count, size, 0.0f);
-  }
+  Reset<kTies>(ah1, 0, size);
   TwoHalves(pool, d.B * d.H, [&](int64_t r0, int64_t r1, int part) {
     PoolRows<kTies>(x, g, y, d, r0, r1, at, part ? ah1 : ah, aw);
   });

@@ -32,14 +32,12 @@ library does not use them.
 from __future__ import annotations
 
 import argparse
-import atexit
 import ctypes
 import functools
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,9 +74,7 @@ def build(cxx: str) -> Path:
     Raises:
       RuntimeError: the compiler failed (its last message line in the error).
     """
-    out = Path(tempfile.mkdtemp(prefix="aia_jax_ffi_pool_"))
-    atexit.register(shutil.rmtree, out, ignore_errors=True)
-    lib = out / "libffi_pool.so"
+    lib = common.scratch_dir("aia_jax_ffi_pool_") / "libffi_pool.so"
     cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
     cmd += [f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(lib)]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -89,7 +85,7 @@ def build(cxx: str) -> Path:
 
 
 def register(lib: Path) -> None:
-    """Registers the library's two handlers as CPU FFI targets (`TARGETS`)."""
+    """Registers the library's handlers as CPU FFI targets (`TARGETS`)."""
     handle = ctypes.cdll.LoadLibrary(str(lib))
     for symbol, target in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)), "cpu")
@@ -127,14 +123,19 @@ def kernel_pools_ties(x: jax.Array, g: jax.Array, split: bool = False):
     return y, stats
 
 
+def gated(x: jax.Array, g: jax.Array) -> jax.Array:
+    """`x · g`, the gate broadcast over channels: the map CinST pools."""
+    return x * g[..., None]
+
+
 def xla_pools(x: jax.Array, g: jax.Array):
     """The same pools by `fused` (inference): one variadic reduction per axis."""
-    return fused._pool_values(x * g[..., None], AXES)
+    return fused._pool_values(gated(x, g), AXES)
 
 
 def xla_pools_ties(x: jax.Array, g: jax.Array, anchor: jax.Array):
     """The training forward by `fused`: the map written, per axis (max, ties, mean)."""
-    out, (y, stats, _) = fused._pool_fwd(x * g[..., None], AXES, anchor)
+    out, (y, stats, _) = fused._pool_fwd(gated(x, g), AXES, anchor)
     return y, tuple((m, ties, mean) for (m, ties), (_, mean) in zip(stats, out, strict=True))
 
 
@@ -151,10 +152,6 @@ def kernel_product_grad(x, dout, gates, split: bool = False):
 def xla_product_grad(x, dout, gates):
     """The same gradient by `fused.gate_product`'s hand-written one."""
     return fused._gate_product_bwd(AXES, WEIGHTS, (x, gates), dout)
-
-
-def one_pass(x: jax.Array, g: jax.Array) -> jax.Array:
-    return x * g[..., None]
 
 
 def check(shape: tuple[int, ...], seed: int = 0) -> None:
@@ -237,7 +234,7 @@ def main() -> None:
         dout = jax.random.normal(jax.random.key(2), shape, jnp.float32)
         gates = _gates(shape, 3)
         runs[size] = {
-            "pass": _compiled(one_pass, x, g),
+            "pass": _compiled(gated, x, g),
             "infer_xla": _compiled(xla_pools, x, g),
             "infer_ffi": _compiled(kernel_pools, x, g),
             "infer_ffi2": _compiled(functools.partial(kernel_pools, split=True), x, g),
